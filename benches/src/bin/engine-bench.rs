@@ -1,0 +1,151 @@
+//! Engine throughput on a real model: prefill tok/s, single-stream decode tok/s and
+//! aggregate decode tok/s with concurrent streams. Prints a markdown table.
+//!
+//! cargo run --release -p ragnode-benches --bin engine-bench -- [--model PATH] [--threads 2]
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use ragnode_inference::{Engine, EngineConfig, EngineHandle, GenerationRequest, SamplingParams, StreamEvent};
+use ragnode_models::tokenizer::ChatMessage;
+use ragnode_models::{LoadOptions, load_model};
+
+#[derive(Parser)]
+struct Args {
+    /// Model to load (default: the SmolLM2 Q4_1 GGUF from scripts/fetch-test-data.sh).
+    #[arg(long)]
+    model: Option<String>,
+    /// Compute threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    prompt_len: usize,
+    /// Tokens generated per stream in decode measurements.
+    #[arg(long, default_value_t = 128)]
+    decode_tokens: usize,
+    /// Concurrent stream counts for the aggregate measurement.
+    #[arg(long, value_delimiter = ',', default_value = "4,16")]
+    streams: Vec<usize>,
+    /// Repetitions (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+}
+
+struct RunResult {
+    prompt_tokens: usize,
+    generated: usize,
+    ttft: Duration,
+    total: Duration,
+}
+
+fn run_one(engine: &EngineHandle, prompt: Vec<u32>, max_tokens: usize) -> Result<RunResult> {
+    let mut req = GenerationRequest::new(prompt, max_tokens);
+    req.sampling = SamplingParams::greedy();
+    req.ignore_eos = true;
+    let mut stream = engine.submit(req)?;
+    while let Some(ev) = stream.next_blocking() {
+        if let StreamEvent::Finished { usage, timings, error, .. } = ev {
+            if let Some(e) = error {
+                anyhow::bail!(e);
+            }
+            return Ok(RunResult {
+                prompt_tokens: usage.prompt_tokens,
+                generated: usage.completion_tokens,
+                ttft: timings.time_to_first_token.unwrap_or(timings.total),
+                total: timings.total,
+            });
+        }
+    }
+    anyhow::bail!("stream ended without a Finished event")
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    // SAFETY: single-threaded at this point; candle reads it when its pool starts.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string()) };
+    let model = args.model.clone().unwrap_or_else(|| {
+        let cache = std::env::var("RAGNODE_CACHE").unwrap_or_else(|_| format!("{}/.cache/ragnode", std::env::var("HOME").unwrap_or_default()));
+        format!("{cache}/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    let loaded = load_model(&model, &LoadOptions::default()).with_context(|| format!("loading {model}"))?;
+    let tok = loaded.tokenizer.clone();
+    let engine = Engine::start(loaded.model.clone(), tok.clone(), EngineConfig { max_batch_tokens: args.prompt_len.max(512), ..EngineConfig::default() })?;
+
+    // A long prompt from real text.
+    let para = "Customers may return most items within 30 days of delivery for a full refund. \
+                Items must be unused and in their original packaging. Refunds go back to the original \
+                payment method within five business days after we receive the return. ";
+    let mut long_ids = Vec::new();
+    while long_ids.len() < args.prompt_len {
+        long_ids.extend(tok.encode(para, false)?);
+    }
+    long_ids.truncate(args.prompt_len);
+    let chat = tok.apply_chat_template(&[ChatMessage { role: "user".into(), content: "Tell me about the history of the city of Paris.".into() }], true)?;
+    let short_ids = tok.encode(&chat, false)?;
+
+    // Warm-up (page in weights, start the thread pool).
+    run_one(&engine, short_ids.clone(), 8)?;
+
+    let mut prefill = Vec::new();
+    for _ in 0..args.reps {
+        let r = run_one(&engine, long_ids.clone(), 1)?;
+        prefill.push(r.prompt_tokens as f64 / r.ttft.as_secs_f64());
+    }
+    let mut single = Vec::new();
+    for _ in 0..args.reps {
+        let r = run_one(&engine, short_ids.clone(), args.decode_tokens)?;
+        single.push((r.generated - 1) as f64 / (r.total - r.ttft).as_secs_f64());
+    }
+    let single_tps = median(single);
+
+    let mut rows = vec![
+        (format!("prefill ({}-token prompt)", args.prompt_len), median(prefill), String::new()),
+        ("decode, 1 stream".to_string(), single_tps, String::new()),
+    ];
+    for &n in &args.streams {
+        let mut agg = Vec::new();
+        for _ in 0..args.reps {
+            let start = Instant::now();
+            let handles: Vec<_> = (0..n)
+                .map(|_| {
+                    let engine = engine.clone();
+                    let ids = short_ids.clone();
+                    let k = args.decode_tokens;
+                    std::thread::spawn(move || run_one(&engine, ids, k))
+                })
+                .collect();
+            let mut total = 0;
+            for h in handles {
+                total += h.join().map_err(|_| anyhow::anyhow!("bench thread panicked"))??.generated;
+            }
+            agg.push(total as f64 / start.elapsed().as_secs_f64());
+        }
+        let a = median(agg);
+        rows.push((format!("decode, {n} streams (aggregate)"), a, format!("{:.2}x single", a / single_tps)));
+    }
+    engine.shutdown();
+
+    println!("model: {model}");
+    println!("machine: {} ({} threads), {}", cpu_name(), args.threads, std::env::consts::ARCH);
+    println!();
+    println!("| measurement | tokens/s | note |");
+    println!("|---|---:|---|");
+    for (name, v, note) in rows {
+        println!("| {name} | {v:.1} | {note} |");
+    }
+    Ok(())
+}

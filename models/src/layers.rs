@@ -1,0 +1,295 @@
+//! Building blocks shared by the architectures: linear layers over any weight format,
+//! RMS norm, token embeddings and rotary position tables.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use ragnode_kernels::quant::{QuantMatrix, quant_embedding, quant_matmul};
+
+use crate::error::{ModelError, Result};
+
+/// `y = x Wᵀ + b` for `x: [T, in]`, whatever the weights are stored as.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: LinearWeight,
+    bias: Option<Tensor>,
+    out_features: usize,
+}
+
+#[derive(Clone)]
+enum LinearWeight {
+    /// GGML-quantized, on ragnode's CPU kernels (batch-reusing SIMD matmul).
+    Quant(Arc<QuantMatrix>),
+    /// GGML-quantized, through candle's QMatMul: formats without a ragnode kernel and
+    /// non-CPU devices.
+    CandleQuant(Arc<QTensor>, QMatMul),
+    /// Dense `[out, in]`.
+    Dense(Tensor),
+}
+
+impl std::fmt::Debug for LinearWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Quant(w) => write!(f, "Quant({:?}, {}x{})", w.dtype(), w.rows(), w.cols()),
+            Self::CandleQuant(w, _) => write!(f, "CandleQuant({:?}, {:?})", w.dtype(), w.shape()),
+            Self::Dense(w) => write!(f, "Dense({:?}, {:?})", w.dtype(), w.shape()),
+        }
+    }
+}
+
+impl Linear {
+    pub fn quant(w: Arc<QuantMatrix>, bias: Option<Tensor>) -> Self {
+        let out_features = w.rows();
+        Self { weight: LinearWeight::Quant(w), bias, out_features }
+    }
+
+    pub fn candle_quant(w: QTensor, bias: Option<Tensor>) -> Result<Self> {
+        Self::candle_quant_arc(Arc::new(w), bias)
+    }
+
+    pub fn candle_quant_arc(w: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
+        let out_features = w.shape().dims2()?.0;
+        let mm = QMatMul::from_arc(w.clone())?;
+        Ok(Self { weight: LinearWeight::CandleQuant(w, mm), bias, out_features })
+    }
+
+    pub fn dense(w: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let out_features = w.dims2()?.0;
+        Ok(Self { weight: LinearWeight::Dense(w), bias, out_features })
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// Stacks layers with the same input along the output dimension, so q/k/v (or
+    /// gate/up) run as one matmul that streams the input once. `None` when the weights
+    /// are in different formats and cannot be stacked.
+    pub fn concat(parts: &[Linear]) -> Result<Option<Linear>> {
+        let Some(first) = parts.first() else { return Ok(None) };
+        let has_bias = first.bias.is_some();
+        if parts.iter().any(|p| p.bias.is_some() != has_bias) {
+            return Ok(None);
+        }
+        let bias = if has_bias {
+            let b: Vec<Tensor> = parts.iter().filter_map(|p| p.bias.clone()).collect();
+            Some(Tensor::cat(&b, 0)?)
+        } else {
+            None
+        };
+        let weight = match &first.weight {
+            LinearWeight::Quant(first_w) => {
+                let mut ws: Vec<&QuantMatrix> = Vec::with_capacity(parts.len());
+                for p in parts {
+                    match &p.weight {
+                        LinearWeight::Quant(w) if w.dtype() == first_w.dtype() => ws.push(w),
+                        _ => return Ok(None),
+                    }
+                }
+                LinearWeight::Quant(Arc::new(QuantMatrix::concat_rows(&ws)?))
+            }
+            LinearWeight::Dense(_) => {
+                let mut ws = Vec::with_capacity(parts.len());
+                for p in parts {
+                    match &p.weight {
+                        LinearWeight::Dense(w) => ws.push(w.clone()),
+                        _ => return Ok(None),
+                    }
+                }
+                LinearWeight::Dense(Tensor::cat(&ws, 0)?)
+            }
+            LinearWeight::CandleQuant(..) => return Ok(None),
+        };
+        let out_features = parts.iter().map(|p| p.out_features).sum();
+        Ok(Some(Linear { weight, bias, out_features }))
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.weight {
+            LinearWeight::Quant(w) => quant_matmul(x, w)?,
+            LinearWeight::CandleQuant(_, mm) => mm.forward(x)?,
+            LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// Root-mean-square layer norm.
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        Self { weight, eps: eps as f32 }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+    }
+}
+
+/// Token embedding table, kept in its checkpoint format (a quantized table is
+/// dequantized row by row on lookup, never as a whole).
+#[derive(Clone, Debug)]
+pub enum TokenEmbedding {
+    Quant(Arc<QuantMatrix>),
+    /// GGML-quantized through candle (non-CPU devices, formats without a ragnode kernel).
+    CandleQuant(Arc<QTensor>),
+    Dense(Tensor),
+}
+
+impl TokenEmbedding {
+    pub fn forward(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        match self {
+            Self::Quant(w) => {
+                let rows = quant_embedding(ids, w)?;
+                Ok(Tensor::from_vec(rows, (ids.len(), w.cols()), device)?)
+            }
+            Self::CandleQuant(w) => Ok(w.embedding(&Tensor::new(ids, device)?)?.to_dtype(DType::F32)?),
+            Self::Dense(w) => {
+                let ids = Tensor::new(ids, w.device())?;
+                Ok(w.index_select(&ids, 0)?.to_dtype(DType::F32)?)
+            }
+        }
+    }
+
+    /// The same table used as the output projection (tied embeddings).
+    pub fn as_linear(&self) -> Result<Linear> {
+        match self {
+            Self::Quant(w) => Ok(Linear::quant(w.clone(), None)),
+            Self::CandleQuant(w) => Linear::candle_quant_arc(w.clone(), None),
+            Self::Dense(w) => Linear::dense(w.clone(), None),
+        }
+    }
+}
+
+/// How rotary frequencies are stretched for long contexts.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor`.
+    Linear { factor: f32 },
+    /// Llama 3.1's frequency-dependent scaling.
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position_embeddings: usize,
+    },
+    /// Per-frequency divisors stored in the checkpoint (GGUF `rope_freqs.weight`).
+    Factors(Vec<f32>),
+}
+
+/// Rotary position embedding with the half-split ("neox") pairing: dimension `i` pairs
+/// with `i + head_dim / 2`. Checkpoints stored interleaved (GGUF llama) have their q/k
+/// rows permuted at load so one kernel serves all.
+#[derive(Clone, Debug)]
+pub struct RotaryEmbedding {
+    inv_freq: Vec<f32>,
+}
+
+impl RotaryEmbedding {
+    pub fn new(head_dim: usize, theta: f32, scaling: &RopeScaling) -> Result<Self> {
+        let mut inv_freq: Vec<f32> = (0..head_dim)
+            .step_by(2)
+            .map(|i| 1f32 / theta.powf(i as f32 / head_dim as f32))
+            .collect();
+        match scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                let old = *original_max_position_embeddings as f32;
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                for f in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f32::consts::PI / *f;
+                    *f = if wavelen < high_wavelen {
+                        *f
+                    } else if wavelen > low_wavelen {
+                        *f / factor
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * *f / factor + smooth * *f
+                    };
+                }
+            }
+            RopeScaling::Factors(factors) => {
+                if factors.len() != inv_freq.len() {
+                    return Err(ModelError::WeightShape {
+                        name: "rope_freqs.weight".into(),
+                        expected: vec![inv_freq.len()],
+                        actual: vec![factors.len()],
+                    });
+                }
+                inv_freq.iter_mut().zip(factors).for_each(|(f, d)| *f /= d);
+            }
+        }
+        Ok(Self { inv_freq })
+    }
+
+    /// `cos` and `sin` tables `[T, head_dim / 2]` for the given positions.
+    pub fn tables(&self, positions: &[u32], device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &self.inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let shape = (positions.len(), half);
+        Ok((Tensor::from_vec(cos, shape, device)?, Tensor::from_vec(sin, shape, device)?))
+    }
+
+    /// Rotates `x: [T, heads, head_dim]` (contiguous) by its rows' positions.
+    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let x = x.unsqueeze(0)?;
+        Ok(candle_nn::rotary_emb::rope_thd(&x, cos, sin)?.squeeze(0)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_rotates_pairs_half_split() {
+        let rope = RotaryEmbedding::new(4, 10000.0, &RopeScaling::None).unwrap();
+        let (cos, sin) = rope.tables(&[0, 1], &Device::Cpu).unwrap();
+        let x = Tensor::new(&[[[1f32, 2., 3., 4.]], [[1., 2., 3., 4.]]], &Device::Cpu).unwrap();
+        let y = rope.apply(&x, &cos, &sin).unwrap().to_vec3::<f32>().unwrap();
+        assert_eq!(y[0][0], vec![1., 2., 3., 4.]); // position 0: identity
+        // position 1, first pair (dims 0 and 2) rotates by angle 1 rad.
+        let (c, s) = (1f32.cos(), 1f32.sin());
+        assert!((y[1][0][0] - (1. * c - 3. * s)).abs() < 1e-6);
+        assert!((y[1][0][2] - (3. * c + 1. * s)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_frequencies() {
+        let plain = RotaryEmbedding::new(128, 500000.0, &RopeScaling::None).unwrap();
+        let scaled = RotaryEmbedding::new(
+            128,
+            500000.0,
+            &RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            },
+        )
+        .unwrap();
+        assert_eq!(plain.inv_freq[0], scaled.inv_freq[0]);
+        let last = plain.inv_freq.len() - 1;
+        assert!((scaled.inv_freq[last] - plain.inv_freq[last] / 8.0).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,161 @@
+//! `ragnode`: one binary that serves a customer-service LLM with retrieval.
+//!
+//! Subcommands:
+//! - `generate`: load a model and stream one completion to stdout (the engine end to end).
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use ragnode_inference::{Engine, EngineConfig, FinishReason, GenerationRequest, SamplingParams, StreamEvent};
+use ragnode_models::tokenizer::ChatMessage;
+use ragnode_models::{LoadOptions, load_model};
+
+#[derive(Parser)]
+#[command(name = "ragnode", version, about = "An inference node for customer-service AI: LLM serving with retrieval")]
+struct Cli {
+    /// CPU threads for compute kernels (default: physical cores; env RAYON_NUM_THREADS).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a completion for one prompt, streaming it to stdout.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A .gguf file, an HF checkpoint directory, or a Hugging Face repo id
+    /// (`owner/name`, `owner/name:file.gguf`, `owner/name@revision`).
+    #[arg(long)]
+    model: String,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message (with --chat).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 disables top-k.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Keep generating past end-of-turn tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        // SAFETY: set before any thread is spawned; candle and rayon read it at first use.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let started = Instant::now();
+    let loaded = load_model(&args.model, &LoadOptions::default()).with_context(|| format!("loading model `{}`", args.model))?;
+    let tok = loaded.tokenizer.clone();
+    let prompt_ids = if args.chat {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(ChatMessage { role: "system".into(), content: system.clone() });
+        }
+        messages.push(ChatMessage { role: "user".into(), content: args.prompt.clone() });
+        let text = tok.apply_chat_template(&messages, true).context("rendering the chat template")?;
+        // The template already spells out any BOS it wants.
+        tok.encode(&text, false)?
+    } else {
+        tok.encode(&args.prompt, true)?
+    };
+    tracing::info!(load_ms = started.elapsed().as_millis() as u64, prompt_tokens = prompt_ids.len(), "model loaded");
+
+    let engine = Engine::start(loaded.model.clone(), tok.clone(), EngineConfig::default())?;
+    let mut req = GenerationRequest::new(prompt_ids, args.max_tokens);
+    req.sampling = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        min_p: args.min_p,
+        repetition_penalty: args.repetition_penalty,
+        presence_penalty: args.presence_penalty,
+        frequency_penalty: args.frequency_penalty,
+        seed: args.seed,
+        logprobs: None,
+    };
+    req.stop = args.stop;
+    req.ignore_eos = args.ignore_eos;
+    let mut stream = engine.submit(req)?;
+    let mut out = std::io::stdout().lock();
+    while let Some(ev) = stream.next_blocking() {
+        match ev {
+            StreamEvent::Delta { text, .. } => {
+                out.write_all(text.as_bytes())?;
+                out.flush()?;
+            }
+            StreamEvent::Finished { reason, usage, timings, error } => {
+                if let Some(e) = error {
+                    bail!("generation failed: {e}");
+                }
+                let ttft = timings.time_to_first_token.unwrap_or(timings.total).as_secs_f64();
+                let decode_s = (timings.total.as_secs_f64() - ttft).max(1e-9);
+                let prefill_tps = usage.prompt_tokens as f64 / ttft.max(1e-9);
+                let decode_tps = usage.completion_tokens.saturating_sub(1) as f64 / decode_s;
+                writeln!(
+                    out,
+                    "\n\n[prompt tokens: {}, generated tokens: {}, {:.1} tokens/s (prefill {:.1} tokens/s, first token after {:.0} ms), finish: {}]",
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    decode_tps,
+                    prefill_tps,
+                    ttft * 1e3,
+                    reason.as_str()
+                )?;
+                if reason == FinishReason::Error {
+                    bail!("generation ended with an error");
+                }
+            }
+        }
+    }
+    engine.shutdown();
+    Ok(())
+}

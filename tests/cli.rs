@@ -1,0 +1,44 @@
+//! The `ragnode` binary, run as a process.
+
+use std::process::Command;
+
+use ragnode_tests::{ragnode_bin, smollm2_gguf};
+
+#[test]
+fn generate_streams_and_reports_token_counts() {
+    let out = Command::new(ragnode_bin())
+        .args(["--threads", "2", "generate", "--chat", "--max-tokens", "16", "--ignore-eos", "--model"])
+        .arg(smollm2_gguf())
+        .args(["--prompt", "What is the capital of France?"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(last.starts_with("[prompt tokens: "), "last line: {last:?}");
+    assert!(last.contains("generated tokens: 16,"), "last line: {last:?}");
+    assert!(last.contains("tokens/s"), "last line: {last:?}");
+    assert!(stdout.len() > last.len() + 10, "no generated text: {stdout:?}");
+}
+
+#[test]
+fn bad_model_paths_fail_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("broken.gguf");
+    std::fs::write(&junk, b"this is not a gguf file").unwrap();
+    for (model, expect) in [
+        (dir.path().join("missing.gguf"), "not found"),
+        (junk.clone(), "broken.gguf"),
+    ] {
+        let out = Command::new(ragnode_bin())
+            .args(["generate", "--prompt", "hi", "--model"])
+            .arg(&model)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+        assert!(stderr.starts_with("error: "), "stderr: {stderr}");
+        assert!(stderr.contains(expect), "expected {expect:?} in: {stderr}");
+        assert!(!stderr.contains("panicked"), "stderr: {stderr}");
+    }
+}
