@@ -322,11 +322,10 @@ impl Worker {
             if items.is_empty() {
                 // Nothing fits (should not happen: requests are capped to the pool); avoid
                 // spinning while waiting for a command.
-                if let Ok(cmd) = self.rx.recv_timeout(Duration::from_millis(50)) {
-                    if !self.handle(cmd) {
+                if let Ok(cmd) = self.rx.recv_timeout(Duration::from_millis(50))
+                    && !self.handle(cmd) {
                         return;
                     }
-                }
                 continue;
             }
             self.step(&items);
@@ -387,12 +386,11 @@ impl Worker {
     fn note_admissions(&mut self, items: &[StepItem]) {
         let now = Instant::now();
         for it in items {
-            if let Some(seq) = self.sched.get_mut(it.id) {
-                if seq.payload.admitted.is_none() {
+            if let Some(seq) = self.sched.get_mut(it.id)
+                && seq.payload.admitted.is_none() {
                     seq.payload.admitted = Some(now);
                     self.shared.counters.queued.fetch_sub(1, Ordering::AcqRel);
                 }
-            }
         }
     }
 
@@ -435,11 +433,10 @@ impl Worker {
             let Some(seq) = self.sched.get_mut(it.id) else { continue };
             let outcome = on_token(seq, row_logits, &self.tokenizer);
             self.shared.counters.generation_tokens.fetch_add(1, Ordering::Relaxed);
-            if let Outcome::Finish(reason, error) = outcome {
-                if let Some(seq) = self.sched.remove(it.id) {
+            if let Outcome::Finish(reason, error) = outcome
+                && let Some(seq) = self.sched.remove(it.id) {
                     self.finished(seq, reason, error);
                 }
-            }
         }
     }
 

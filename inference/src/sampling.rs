@@ -150,11 +150,10 @@ impl Sampler {
         if p.repetition_penalty != 1.0 {
             let penalise = |l: &mut f32| *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
             for &t in &self.prompt_tokens {
-                if !self.generated.contains_key(&t) {
-                    if let Some(l) = logits.get_mut(t as usize) {
+                if !self.generated.contains_key(&t)
+                    && let Some(l) = logits.get_mut(t as usize) {
                         penalise(l)
                     }
-                }
             }
             for &t in self.generated.keys() {
                 if let Some(l) = logits.get_mut(t as usize) {

@@ -46,7 +46,7 @@ pub struct PagedAttentionParams {
 
 impl PagedAttentionParams {
     fn validate(&self, q_rows: usize, num_blocks: usize) -> Result<()> {
-        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             bail!(
                 "paged attention: {} heads are not a multiple of {} kv heads",
                 self.num_heads,
@@ -229,6 +229,13 @@ struct SharedOut(*mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
+impl SharedOut {
+    // A method (not `.0`) so closures capture the Sync wrapper, not the raw pointer.
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
 impl CpuPagedAttention {
     fn run<T: CacheElem>(&self, q: &[f32], k: &[T], v: &[T]) -> Result<Vec<f32>> {
         let p = &self.0;
@@ -246,7 +253,6 @@ impl CpuPagedAttention {
         }
         let out_ptr = SharedOut(out.as_mut_ptr());
         let work = |range: std::ops::Range<usize>| {
-            let out_ptr = out_ptr;
             let mut scratch = Scratch::default();
             for &(si, kvh, t0) in &items[range] {
                 let s = &p.seqs[si];
@@ -258,7 +264,7 @@ impl CpuPagedAttention {
                     let q_rows = &q[(row * nh + qh0) * hd..(row * nh + qh0 + group) * hd];
                     // SAFETY: (row, heads qh0..qh0+group) belongs to this item only.
                     let o = unsafe {
-                        std::slice::from_raw_parts_mut(out_ptr.0.add((row * nh + qh0) * hd), group * hd)
+                        std::slice::from_raw_parts_mut(out_ptr.get().add((row * nh + qh0) * hd), group * hd)
                     };
                     let key_at = |j: usize| {
                         let slot = s.block_table[j / bs] as usize * bs + j % bs;

@@ -85,11 +85,11 @@ fn default_max_position_embeddings() -> usize {
 impl HfConfig {
     pub(crate) fn into_config(self, family: Family) -> Result<Config, String> {
         let heads = self.num_attention_heads;
-        if heads == 0 || self.hidden_size % heads != 0 && self.head_dim.is_none() {
+        if heads == 0 || !self.hidden_size.is_multiple_of(heads) && self.head_dim.is_none() {
             return Err(format!("hidden_size {} is not divisible by {heads} heads", self.hidden_size));
         }
         let kv = self.num_key_value_heads.unwrap_or(heads);
-        if kv == 0 || heads % kv != 0 {
+        if kv == 0 || !heads.is_multiple_of(kv) {
             return Err(format!("{heads} attention heads are not a multiple of {kv} kv heads"));
         }
         let (qkv_bias, o_bias) = match family {
@@ -152,11 +152,10 @@ impl Config {
             return Err(format!("{heads} attention heads are not a multiple of {kv} kv heads"));
         }
         let head_dim = md("attention.key_length").and_then(gguf_usize).unwrap_or(hidden / heads);
-        if let Some(rope_dim) = md("rope.dimension_count").and_then(gguf_usize) {
-            if rope_dim != head_dim {
+        if let Some(rope_dim) = md("rope.dimension_count").and_then(gguf_usize)
+            && rope_dim != head_dim {
                 return Err(format!("partial rotary embeddings ({rope_dim} of {head_dim} dims) are not supported"));
             }
-        }
         let vocab = match md("vocab_size").and_then(gguf_usize) {
             Some(v) => v,
             None => content

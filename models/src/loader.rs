@@ -322,7 +322,7 @@ mod tests {
 
     #[test]
     fn missing_paths_are_clear_errors() {
-        let err = resolve("/definitely/not/here.gguf").err().expect("must fail");
+        let err = resolve("/definitely/not/here.gguf").expect_err("must fail");
         assert!(err.to_string().contains("not found"), "{err}");
     }
 }

@@ -61,11 +61,10 @@ impl WeightSource {
             Self::Gguf(g) => {
                 let gname = gguf_name(name, "weight");
                 let raw = g.raw(&gname, &[vocab, dim])?;
-                if use_ragnode_kernels(&g.device) {
-                    if let Some(m) = QuantMatrix::from_ggml(raw.dtype, &raw.bytes, vocab, dim)? {
+                if use_ragnode_kernels(&g.device)
+                    && let Some(m) = QuantMatrix::from_ggml(raw.dtype, &raw.bytes, vocab, dim)? {
                         return Ok(TokenEmbedding::Quant(Arc::new(m)));
                     }
-                }
                 let t = ggml_file::qtensor_from_ggml(raw.dtype, &raw.bytes, vec![vocab, dim], &g.device)?;
                 match raw.dtype {
                     GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Ok(TokenEmbedding::Dense(t.dequantize(&g.device)?)),
@@ -228,11 +227,10 @@ impl GgufWeights {
                 Linear::dense(q.dequantize(&self.device)?, b)
             }
             dtype => {
-                if use_ragnode_kernels(&self.device) {
-                    if let Some(m) = QuantMatrix::from_ggml(dtype, &raw.bytes, out_dim, in_dim)? {
+                if use_ragnode_kernels(&self.device)
+                    && let Some(m) = QuantMatrix::from_ggml(dtype, &raw.bytes, out_dim, in_dim)? {
                         return Ok(Linear::quant(Arc::new(m), b));
                     }
-                }
                 let q = ggml_file::qtensor_from_ggml(dtype, &raw.bytes, vec![out_dim, in_dim], &self.device)?;
                 Linear::candle_quant(q, b)
             }

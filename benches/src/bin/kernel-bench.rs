@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p ragnode-benches --bin kernel-bench [-- --quick] [--m 1,16]
-//!     [--shapes qkv,lm_head] [--model PATH] [--tune R,T,T1] [--variants 'R,T,T1;...'] [--no-candle] [--hot]
+//!     [--shapes qkv,lm_head] [--model PATH] [--tune R,T,T1] [--variants 'R,T,T1,PARTS;...'] [--no-candle] [--hot]
 //! ```
 //!
 //! Weights come from the GGUF file when present (random otherwise). Each shape is timed
@@ -34,19 +34,98 @@ struct Shape {
 }
 
 const SHAPES: &[Shape] = &[
-    Shape { name: "q/o 576→576", tensors: &["attn_q"], n: 576, k: 576, dtype: GgmlDType::Q4_1, per_token: 0, fused: false },
-    Shape { name: "k/v 576→192", tensors: &["attn_k"], n: 192, k: 576, dtype: GgmlDType::Q4_1, per_token: 0, fused: false },
-    Shape { name: "gate/up 576→1536", tensors: &["ffn_gate"], n: 1536, k: 576, dtype: GgmlDType::Q4_1, per_token: 0, fused: false },
-    Shape { name: "down 1536→576", tensors: &["ffn_down"], n: 576, k: 1536, dtype: GgmlDType::Q4_1, per_token: LAYERS, fused: false },
-    Shape { name: "o 576→576", tensors: &["attn_output"], n: 576, k: 576, dtype: GgmlDType::Q4_1, per_token: LAYERS, fused: false },
-    Shape { name: "qkv 576→960 (fused)", tensors: &["attn_q", "attn_k", "attn_v"], n: 960, k: 576, dtype: GgmlDType::Q4_1, per_token: LAYERS, fused: true },
-    Shape { name: "gate_up 576→3072 (fused)", tensors: &["ffn_gate", "ffn_up"], n: 3072, k: 576, dtype: GgmlDType::Q4_1, per_token: LAYERS, fused: true },
-    Shape { name: "lm_head 576→49152 Q8_0", tensors: &["token_embd"], n: 49152, k: 576, dtype: GgmlDType::Q8_0, per_token: 1, fused: false },
+    Shape {
+        name: "q/o 576→576",
+        tensors: &["attn_q"],
+        n: 576,
+        k: 576,
+        dtype: GgmlDType::Q4_1,
+        per_token: 0,
+        fused: false,
+    },
+    Shape {
+        name: "k/v 576→192",
+        tensors: &["attn_k"],
+        n: 192,
+        k: 576,
+        dtype: GgmlDType::Q4_1,
+        per_token: 0,
+        fused: false,
+    },
+    Shape {
+        name: "gate/up 576→1536",
+        tensors: &["ffn_gate"],
+        n: 1536,
+        k: 576,
+        dtype: GgmlDType::Q4_1,
+        per_token: 0,
+        fused: false,
+    },
+    Shape {
+        name: "down 1536→576",
+        tensors: &["ffn_down"],
+        n: 576,
+        k: 1536,
+        dtype: GgmlDType::Q4_1,
+        per_token: LAYERS,
+        fused: false,
+    },
+    Shape {
+        name: "o 576→576",
+        tensors: &["attn_output"],
+        n: 576,
+        k: 576,
+        dtype: GgmlDType::Q4_1,
+        per_token: LAYERS,
+        fused: false,
+    },
+    Shape {
+        name: "qkv 576→960 (fused)",
+        tensors: &["attn_q", "attn_k", "attn_v"],
+        n: 960,
+        k: 576,
+        dtype: GgmlDType::Q4_1,
+        per_token: LAYERS,
+        fused: true,
+    },
+    Shape {
+        name: "gate_up 576→3072 (fused)",
+        tensors: &["ffn_gate", "ffn_up"],
+        n: 3072,
+        k: 576,
+        dtype: GgmlDType::Q4_1,
+        per_token: LAYERS,
+        fused: true,
+    },
+    Shape {
+        name: "lm_head 576→49152 Q8_0",
+        tensors: &["token_embd"],
+        n: 49152,
+        k: 576,
+        dtype: GgmlDType::Q8_0,
+        per_token: 1,
+        fused: false,
+    },
     // Other formats (random weights; not part of SmolLM2).
-    Shape { name: "Q4_0 1536→1536 (random)", tensors: &[], n: 1536, k: 1536, dtype: GgmlDType::Q4_0, per_token: 0, fused: false },
-    Shape { name: "Q4_K 1536→1536 (random)", tensors: &[], n: 1536, k: 1536, dtype: GgmlDType::Q4K, per_token: 0, fused: false },
-    Shape { name: "Q6_K 1536→1536 (random)", tensors: &[], n: 1536, k: 1536, dtype: GgmlDType::Q6K, per_token: 0, fused: false },
+    random("Q4_0 1536→1536 (random)", GgmlDType::Q4_0),
+    random("Q5_0 1536→1536 (random)", GgmlDType::Q5_0),
+    random("Q4_K 1536→1536 (random)", GgmlDType::Q4K),
+    random("Q5_K 1536→1536 (random)", GgmlDType::Q5K),
+    random("Q6_K 1536→1536 (random)", GgmlDType::Q6K),
 ];
+
+/// A 1536 × 1536 matrix of random weights.
+const fn random(name: &'static str, dtype: GgmlDType) -> Shape {
+    Shape {
+        name,
+        tensors: &[],
+        n: 1536,
+        k: 1536,
+        dtype,
+        per_token: 0,
+        fused: false,
+    }
+}
 
 struct Args {
     ms: Vec<usize>,
@@ -59,7 +138,7 @@ struct Args {
     /// One copy of each matrix (cache-resident): shows the fixed per-call costs.
     hot: bool,
     /// Register blockings to compare in the model-sequence run, alternating round by round.
-    variants: Vec<(usize, usize, usize)>,
+    variants: Vec<(usize, usize, usize, usize)>,
     /// Only the model-sequence run.
     seq_only: bool,
 }
@@ -80,18 +159,29 @@ fn parse_args() -> anyhow::Result<Args> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
-        let mut val = || it.next().ok_or_else(|| anyhow::anyhow!("{arg} needs a value"));
+        let mut val = || {
+            it.next()
+                .ok_or_else(|| anyhow::anyhow!("{arg} needs a value"))
+        };
         match arg.as_str() {
             "--quick" => {
                 a.rounds = 3;
                 a.round_time = Duration::from_millis(60);
             }
-            "--m" => a.ms = val()?.split(',').map(|s| s.parse()).collect::<Result<_, _>>()?,
+            "--m" => {
+                a.ms = val()?
+                    .split(',')
+                    .map(|s| s.parse())
+                    .collect::<Result<_, _>>()?
+            }
             "--shapes" => a.shapes = Some(val()?.split(',').map(String::from).collect()),
             "--model" => a.model = val()?,
             "--rounds" => a.rounds = val()?.parse()?,
             "--tune" => {
-                let v: Vec<usize> = val()?.split(',').map(|s| s.parse()).collect::<Result<_, _>>()?;
+                let v: Vec<usize> = val()?
+                    .split(',')
+                    .map(|s| s.parse())
+                    .collect::<Result<_, _>>()?;
                 anyhow::ensure!(v.len() == 3, "--tune ROWS,TILES,TILES_M1");
                 a.tune = Some((v[0], v[1], v[2]));
             }
@@ -100,9 +190,10 @@ fn parse_args() -> anyhow::Result<Args> {
             "--seq-only" => a.seq_only = true,
             "--variants" => {
                 for v in val()?.split(';') {
-                    let v: Vec<usize> = v.split(',').map(|s| s.parse()).collect::<Result<_, _>>()?;
-                    anyhow::ensure!(v.len() == 3, "--variants R,T,T1;R,T,T1;...");
-                    a.variants.push((v[0], v[1], v[2]));
+                    let v: Vec<usize> =
+                        v.split(',').map(|s| s.parse()).collect::<Result<_, _>>()?;
+                    anyhow::ensure!(v.len() == 4, "--variants R,T,T1,P;R,T,T1,P;...");
+                    a.variants.push((v[0], v[1], v[2], v[3]));
                 }
             }
             other => anyhow::bail!("unknown argument {other}"),
@@ -112,21 +203,35 @@ fn parse_args() -> anyhow::Result<Args> {
 }
 
 /// GGML bytes of a shape: the real layer-0 tensors stacked, or random blocks.
-fn shape_bytes(shape: &Shape, model: Option<&(gguf_file::Content, std::fs::File)>) -> anyhow::Result<Vec<u8>> {
+fn shape_bytes(
+    shape: &Shape,
+    model: Option<&(gguf_file::Content, std::fs::File)>,
+) -> anyhow::Result<Vec<u8>> {
     if let Some((content, file)) = model.filter(|_| !shape.tensors.is_empty()) {
         let mut file = file.try_clone()?;
         let mut out = Vec::new();
         for t in shape.tensors {
-            let name = if *t == "token_embd" { "token_embd.weight".to_string() } else { format!("blk.0.{t}.weight") };
+            let name = if *t == "token_embd" {
+                "token_embd.weight".to_string()
+            } else {
+                format!("blk.0.{t}.weight")
+            };
             let q = content.tensor(&mut file, &name, &Device::Cpu)?;
             anyhow::ensure!(q.dtype() == shape.dtype, "{name} is {:?}", q.dtype());
             out.extend_from_slice(&q.data()?);
         }
         let expect = shape.n * shape.k / shape.dtype.block_size() * shape.dtype.type_size();
-        anyhow::ensure!(out.len() == expect, "{}: {} bytes, expected {expect}", shape.name, out.len());
+        anyhow::ensure!(
+            out.len() == expect,
+            "{}: {} bytes, expected {expect}",
+            shape.name,
+            out.len()
+        );
         return Ok(out);
     }
-    let w: Vec<f32> = (0..shape.n * shape.k).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.1).collect();
+    let w: Vec<f32> = (0..shape.n * shape.k)
+        .map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.1)
+        .collect();
     let t = Tensor::from_vec(w, (shape.n, shape.k), &Device::Cpu)?;
     Ok(QTensor::quantize(&t, shape.dtype)?.data()?.into_owned())
 }
@@ -149,11 +254,20 @@ fn time_round(min: Duration, mut f: impl FnMut(usize)) -> f64 {
 /// (busy ticks of the whole machine, ticks of this process), from /proc.
 fn cpu_ticks() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let cpu: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let cpu: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
     let busy = cpu.iter().sum::<u64>() - cpu.get(3)? - cpu.get(4)?;
     let own = std::fs::read_to_string("/proc/self/stat").ok()?;
     let fields: Vec<&str> = own.rsplit_once(')')?.1.split_whitespace().collect();
-    Some((busy, fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?))
+    Some((
+        busy,
+        fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?,
+    ))
 }
 
 /// Times a round, retrying (up to 8 times) while other processes took more than ~15% of a
@@ -222,8 +336,14 @@ fn main() -> anyhow::Result<()> {
     }
     let threads = candle_core::utils::barrier_pool().n_workers() + 1;
     let kernel = Kernel::best();
-    println!("kernel-bench: kernel {kernel:?}, {threads} threads (candle barrier pool), weights ≥ {} MB per shape", FOOTPRINT >> 20);
-    println!("memory read bandwidth (2 threads): {:.1} GB/s", memory_bandwidth());
+    println!(
+        "kernel-bench: kernel {kernel:?}, {threads} threads (candle barrier pool), weights ≥ {} MB per shape",
+        FOOTPRINT >> 20
+    );
+    println!(
+        "memory read bandwidth (2 threads): {:.1} GB/s",
+        memory_bandwidth()
+    );
 
     let model = match std::fs::File::open(&args.model) {
         Ok(mut f) => {
@@ -271,8 +391,13 @@ fn main() -> anyhow::Result<()> {
                     parts
                         .iter()
                         .map(|&pn| {
-                            let len = pn * shape.k / shape.dtype.block_size() * shape.dtype.type_size();
-                            let s = QStorage::from_data(Cow::Borrowed(&bytes[off..off + len]), &Device::Cpu, shape.dtype)?;
+                            let len =
+                                pn * shape.k / shape.dtype.block_size() * shape.dtype.type_size();
+                            let s = QStorage::from_data(
+                                Cow::Borrowed(&bytes[off..off + len]),
+                                &Device::Cpu,
+                                shape.dtype,
+                            )?;
                             off += len;
                             QMatMul::from_qtensor(QTensor::new(s, (pn, shape.k))?)
                         })
@@ -283,10 +408,15 @@ fn main() -> anyhow::Result<()> {
             Vec::new()
         };
         for &m in &args.ms {
-            let x: Vec<f32> = (0..m * shape.k).map(|i| ((i * 2654435761usize) % 2000) as f32 / 1000.0 - 1.0).collect();
+            let x: Vec<f32> = (0..m * shape.k)
+                .map(|i| ((i * 2654435761usize) % 2000) as f32 / 1000.0 - 1.0)
+                .collect();
             let xt = Tensor::from_vec(x.clone(), (m, shape.k), &Device::Cpu)?;
             let mut y = vec![0f32; m * shape.n];
-            let opts = MatmulOptions { kernel, parallel: true };
+            let opts = MatmulOptions {
+                kernel,
+                parallel: true,
+            };
             // Warm-up (page-in) of every copy.
             for w in &ours {
                 w.matmul_with(&x, m, &mut y, opts)?;
@@ -299,7 +429,9 @@ fn main() -> anyhow::Result<()> {
             let (mut t_ours, mut t_candle, mut clean) = (Vec::new(), Vec::new(), true);
             for _ in 0..args.rounds {
                 let (t, c) = clean_round(args.round_time, |i| {
-                    ours[i % copies].matmul_with(&x, m, &mut y, opts).expect("matmul");
+                    ours[i % copies]
+                        .matmul_with(&x, m, &mut y, opts)
+                        .expect("matmul");
                 });
                 t_ours.push(t);
                 clean &= c;
@@ -326,12 +458,14 @@ fn main() -> anyhow::Result<()> {
     }
 
     println!();
-    println!("whole-model estimate (one layer's fused qkv + o + gate_up + down × {LAYERS} + lm head):");
+    println!(
+        "whole-model estimate (one layer's fused qkv + o + gate_up + down × {LAYERS} + lm head):"
+    );
     for &m in &args.ms {
         let sum = |f: &dyn Fn(&Row) -> Option<f64>| -> Option<f64> {
             let mut total = 0.0;
-            for shape_i in 0..SHAPES.len() {
-                let per = SHAPES[shape_i].per_token;
+            for (shape_i, shape) in SHAPES.iter().enumerate() {
+                let per = shape.per_token;
                 if per == 0 {
                     continue;
                 }
@@ -346,8 +480,13 @@ fn main() -> anyhow::Result<()> {
                 "  m={m:>3}: ours {:>8.2} ms/step = {:>7.1} tok/s{}",
                 t * 1e3,
                 m as f64 / t,
-                c.map(|c| format!("   candle {:>8.2} ms/step = {:>7.1} tok/s ({:.2}×)", c * 1e3, m as f64 / c, c / t))
-                    .unwrap_or_default()
+                c.map(|c| format!(
+                    "   candle {:>8.2} ms/step = {:>7.1} tok/s ({:.2}×)",
+                    c * 1e3,
+                    m as f64 / c,
+                    c / t
+                ))
+                .unwrap_or_default()
             );
         }
     }
@@ -357,17 +496,25 @@ fn main() -> anyhow::Result<()> {
 /// The real per-step matmul sequence: for each of the 30 layers fused qkv, o, fused
 /// gate_up and down on that layer's own weights, then the lm head; ms per step for each m
 /// (and each `--variants` blocking, alternated round by round).
-fn model_sequence(args: &Args, (content, file): &(gguf_file::Content, std::fs::File)) -> anyhow::Result<()> {
+fn model_sequence(
+    args: &Args,
+    (content, file): &(gguf_file::Content, std::fs::File),
+) -> anyhow::Result<()> {
     let mut file = file.try_clone()?;
     let mut load = |name: &str| -> anyhow::Result<QuantMatrix> {
         let q = content.tensor(&mut file, name, &Device::Cpu)?;
         let (n, k) = q.shape().dims2()?;
-        QuantMatrix::from_ggml(q.dtype(), &q.data()?, n, k)?.ok_or_else(|| anyhow::anyhow!("no kernel for {name}"))
+        QuantMatrix::from_ggml(q.dtype(), &q.data()?, n, k)?
+            .ok_or_else(|| anyhow::anyhow!("no kernel for {name}"))
     };
     let mut layers = Vec::new();
     for l in 0..LAYERS {
         let p = |t: &str| format!("blk.{l}.{t}.weight");
-        let (q, k, v) = (load(&p("attn_q"))?, load(&p("attn_k"))?, load(&p("attn_v"))?);
+        let (q, k, v) = (
+            load(&p("attn_q"))?,
+            load(&p("attn_k"))?,
+            load(&p("attn_v"))?,
+        );
         let (g, u) = (load(&p("ffn_gate"))?, load(&p("ffn_up"))?);
         layers.push([
             QuantMatrix::concat_rows(&[&q, &k, &v])?,
@@ -377,12 +524,26 @@ fn model_sequence(args: &Args, (content, file): &(gguf_file::Content, std::fs::F
         ]);
     }
     let head = load("token_embd.weight")?;
-    let bytes: usize = layers.iter().flatten().map(|w| w.size_in_bytes()).sum::<usize>() + head.size_in_bytes();
+    let bytes: usize = layers
+        .iter()
+        .flatten()
+        .map(|w| w.size_in_bytes())
+        .sum::<usize>()
+        + head.size_in_bytes();
     println!();
-    println!("model sequence: {LAYERS} layers × (qkv, o, gate_up, down) + lm head = {:.1} MB of weights per step", bytes as f64 / 1e6);
-    let variants = if args.variants.is_empty() { vec![None] } else { args.variants.iter().copied().map(Some).collect() };
+    println!(
+        "model sequence: {LAYERS} layers × (qkv, o, gate_up, down) + lm head = {:.1} MB of weights per step",
+        bytes as f64 / 1e6
+    );
+    let variants = if args.variants.is_empty() {
+        vec![None]
+    } else {
+        args.variants.iter().copied().map(Some).collect()
+    };
     for &m in &args.ms {
-        let x: Vec<f32> = (0..m * 1536).map(|i| ((i * 2654435761usize) % 2000) as f32 / 1000.0 - 1.0).collect();
+        let x: Vec<f32> = (0..m * 1536)
+            .map(|i| ((i * 2654435761usize) % 2000) as f32 / 1000.0 - 1.0)
+            .collect();
         let mut y = vec![0f32; m * 49152];
         let mut step = || {
             for [qkv, o, gu, down] in &layers {
@@ -391,7 +552,8 @@ fn model_sequence(args: &Args, (content, file): &(gguf_file::Content, std::fs::F
                     w.matmul(&x[..m * k], m, &mut y[..m * n]).expect("matmul");
                 }
             }
-            head.matmul(&x[..m * 576], m, &mut y[..m * 49152]).expect("matmul");
+            head.matmul(&x[..m * 576], m, &mut y[..m * 49152])
+                .expect("matmul");
         };
         let steps = (200 / m).clamp(2, 50);
         let mut times = vec![Vec::new(); variants.len()];
@@ -399,9 +561,11 @@ fn model_sequence(args: &Args, (content, file): &(gguf_file::Content, std::fs::F
         step();
         for _ in 0..args.rounds.max(3) * 2 {
             for (vi, v) in variants.iter().enumerate() {
-                if let Some((r, t, t1)) = *v {
+                if let Some((r, t, t1, parts)) = *v {
                     ragnode_kernels::quant::set_tuning(r, t, t1);
+                    ragnode_kernels::quant::set_parts_per_thread(parts);
                 }
+
                 let (t, c) = clean_round(Duration::ZERO, |_| {
                     for _ in 0..steps {
                         step();
@@ -415,7 +579,8 @@ fn model_sequence(args: &Args, (content, file): &(gguf_file::Content, std::fs::F
             let t = median(t);
             println!(
                 "  m={m:>3}{}: {:>8.3} ms/step = {:>8.1} tok/s, {:>5.1} GB/s{}",
-                v.map(|(r, t, t1)| format!(" [{r},{t},{t1}]")).unwrap_or_default(),
+                v.map(|(r, t, t1, parts)| format!(" [{r},{t},{t1},{parts}]"))
+                    .unwrap_or_default(),
                 t * 1e3,
                 m as f64 / t,
                 bytes as f64 / t / 1e9,
@@ -426,6 +591,7 @@ fn model_sequence(args: &Args, (content, file): &(gguf_file::Content, std::fs::F
     if let Some((r, t, t1)) = args.tune {
         ragnode_kernels::quant::set_tuning(r, t, t1);
     }
+    ragnode_kernels::quant::set_parts_per_thread(1);
     println!();
     Ok(())
 }
@@ -436,7 +602,15 @@ fn print_row(r: &Row, weight_bytes: usize) {
     let gbs = weight_bytes as f64 / r.ours / 1e9;
     let candle = r
         .candle
-        .map(|c| format!(" | candle {:>9.1} µs {:>6.1} GB/s {:>7.1} GFLOP/s | {:>5.2}×", c * 1e6, weight_bytes as f64 / c / 1e9, flops / c / 1e9, c / r.ours))
+        .map(|c| {
+            format!(
+                " | candle {:>9.1} µs {:>6.1} GB/s {:>7.1} GFLOP/s | {:>5.2}×",
+                c * 1e6,
+                weight_bytes as f64 / c / 1e9,
+                flops / c / 1e9,
+                c / r.ours
+            )
+        })
         .unwrap_or_default();
     println!(
         "{:<26} m={:>3} | ours {:>9.1} µs {:>6.1} GB/s {:>7.1} GFLOP/s{candle}{}",
@@ -445,6 +619,10 @@ fn print_row(r: &Row, weight_bytes: usize) {
         r.ours * 1e6,
         gbs,
         flops / r.ours / 1e9,
-        if r.clean { "" } else { "  (noisy: machine busy)" }
+        if r.clean {
+            ""
+        } else {
+            "  (noisy: machine busy)"
+        }
     );
 }

@@ -29,7 +29,12 @@ impl<'a> OutPtr<'a> {
     /// `y` must hold at least `m * n` elements (checked).
     pub(crate) fn new(y: &'a mut [f32], m: usize, n: usize) -> Self {
         assert!(y.len() >= m * n, "output buffer too small");
-        Self { ptr: y.as_mut_ptr(), m, n, _y: PhantomData }
+        Self {
+            ptr: y.as_mut_ptr(),
+            m,
+            n,
+            _y: PhantomData,
+        }
     }
 
     /// Writes `vals` to `y[row, col..col + vals.len()]`.
@@ -42,7 +47,11 @@ impl<'a> OutPtr<'a> {
         debug_assert!(row < self.m && col + vals.len() <= self.n);
         // SAFETY: in bounds by the contract above; the regions do not overlap.
         unsafe {
-            std::ptr::copy_nonoverlapping(vals.as_ptr(), self.ptr.add(row * self.n + col), vals.len())
+            std::ptr::copy_nonoverlapping(
+                vals.as_ptr(),
+                self.ptr.add(row * self.n + col),
+                vals.len(),
+            )
         };
     }
 }
@@ -55,20 +64,25 @@ pub(crate) struct Tuning {
     pub(crate) tiles: AtomicUsize,
     /// Tiles per micro-kernel call when `m == 1`.
     pub(crate) tiles_m1: AtomicUsize,
+    /// Work items per thread (1: one contiguous range each; more: handed out dynamically).
+    pub(crate) parts_per_thread: AtomicUsize,
 }
 
 pub(crate) static TUNING: Tuning = Tuning {
     rows: AtomicUsize::new(4),
     tiles: AtomicUsize::new(2),
     tiles_m1: AtomicUsize::new(1),
+    parts_per_thread: AtomicUsize::new(1),
 };
 
 /// Rows of activations per outer chunk: keeps one chunk's quantized rows in L1/L2 while a
 /// thread walks its tiles.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const ROW_CHUNK: usize = 64;
 
 /// How a part of the output is computed: rows × tiles, on one thread.
 #[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct Blocking {
     pub(crate) rows: usize,
     pub(crate) tiles: usize,
@@ -81,7 +95,10 @@ impl Blocking {
     /// weight vector reused 4×, each activation broadcast 2×) measured best.
     fn for_m(m: usize) -> Self {
         if m == 1 {
-            Self { rows: 1, tiles: TUNING.tiles_m1.load(Ordering::Relaxed).clamp(1, 4) }
+            Self {
+                rows: 1,
+                tiles: TUNING.tiles_m1.load(Ordering::Relaxed).clamp(1, 4),
+            }
         } else if m <= SMALL_M {
             Self { rows: m, tiles: 1 }
         } else {
@@ -98,9 +115,9 @@ const SMALL_M: usize = 8;
 
 pub(crate) fn act_kind(format: Format) -> ActKind {
     match format {
-        Format::Q4_1 => ActKind::Q8_1,
-        Format::Q4_0 | Format::Q8_0 => ActKind::Q8_0,
-        Format::Q4K | Format::Q6K => ActKind::Q8K,
+        Format::Q4_1 | Format::Q5_1 => ActKind::Q8_1,
+        Format::Q4_0 | Format::Q5_0 | Format::Q8_0 => ActKind::Q8_0,
+        Format::Q4K | Format::Q5K | Format::Q6K => ActKind::Q8K,
     }
 }
 
@@ -136,7 +153,14 @@ thread_local! {
 }
 
 /// `y[m×n] = x[m×k] · Wᵀ`; sizes are validated by the caller.
-pub(crate) fn matmul(p: &Packed, x: &[f32], m: usize, y: &mut [f32], kernel: Kernel, parallel: bool) {
+pub(crate) fn matmul(
+    p: &Packed,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    kernel: Kernel,
+    parallel: bool,
+) {
     if m == 0 {
         return;
     }
@@ -163,7 +187,7 @@ fn run(
     let acts = &*acts;
     let out = OutPtr::new(y, m, p.n);
     let blocking = Blocking::for_m(m);
-    let parts = threads.min(p.n_tiles);
+    let parts = (threads * TUNING.parts_per_thread.load(Ordering::Relaxed).max(1)).min(p.n_tiles);
     for_each_part(parts, |part| {
         let tiles = split(p.n_tiles, parts, part);
         // SAFETY: the kernel was checked available by the caller; the parts' tile ranges

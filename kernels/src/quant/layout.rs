@@ -1,12 +1,14 @@
 //! GGML block formats and the repacked, row-interleaved layout the kernels read.
 //!
 //! A weight matrix `[n, k]` is cut into tiles of [`TILE`] = 16 consecutive rows. Inside a
-//! tile, weights are stored block by block (32 values of `k` per block), and each block
-//! holds the 16 rows' scales (f16) followed by their quants interleaved so that one 64-byte
-//! load carries 4 (8-bit) or 8 (4-bit) consecutive `k` values for each of the 16 rows:
+//! tile, weights are stored block by block (32 values of `k` per block; K-quants: see
+//! `kquants`), and each block holds the 16 rows' scales (f16) followed by their quants
+//! interleaved so that one 64-byte load carries 4 (8-bit) or 8 (4/5-bit) consecutive `k`
+//! values for each of the 16 rows:
 //!
 //! ```text
 //! 4-bit (Q4_0, Q4_1): group g = k values 8g..8g+8, byte [g][row][j] = q[8g+j] | q[8g+4+j] << 4
+//! 5-bit (Q5_0, Q5_1): a 64-byte plane of fifth bits (see `put_hbits`), then the 4-bit layout
 //! 8-bit (Q8_0):       group g = k values 4g..4g+4, byte [g][row][j] = q[4g+j] (as i8)
 //! ```
 //!
@@ -17,7 +19,8 @@
 //!
 //! Blocks are grouped (two at a time for formats whose scales take 32 bytes) so that every
 //! group, and therefore every 64-byte quant load, is 64-byte aligned. The bytes of one tile
-//! are contiguous, so a decode step streams each tile as a single sequential run.
+//! are contiguous, so a decode step streams each tile as a single sequential run. The
+//! packed matrix is the size of the GGML one (plus the zero rows that pad the last tile).
 
 use super::QuantError;
 use candle_core::quantized::GgmlDType;
@@ -35,8 +38,11 @@ pub(crate) const QK_K: usize = 256;
 pub(crate) enum Format {
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
     Q4K,
+    Q5K,
     Q6K,
 }
 
@@ -45,8 +51,11 @@ impl Format {
         match dtype {
             GgmlDType::Q4_0 => Some(Self::Q4_0),
             GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q5_0 => Some(Self::Q5_0),
+            GgmlDType::Q5_1 => Some(Self::Q5_1),
             GgmlDType::Q8_0 => Some(Self::Q8_0),
             GgmlDType::Q4K => Some(Self::Q4K),
+            GgmlDType::Q5K => Some(Self::Q5K),
             GgmlDType::Q6K => Some(Self::Q6K),
             _ => None,
         }
@@ -56,18 +65,45 @@ impl Format {
         match self {
             Self::Q4_0 => GgmlDType::Q4_0,
             Self::Q4_1 => GgmlDType::Q4_1,
+            Self::Q5_0 => GgmlDType::Q5_0,
+            Self::Q5_1 => GgmlDType::Q5_1,
             Self::Q8_0 => GgmlDType::Q8_0,
             Self::Q4K => GgmlDType::Q4K,
+            Self::Q5K => GgmlDType::Q5K,
             Self::Q6K => GgmlDType::Q6K,
         }
     }
 
     /// Whether this is a 256-value K-quant (laid out by `kquants`).
+    #[inline(always)]
     pub(crate) fn is_k(self) -> bool {
-        matches!(self, Self::Q4K | Self::Q6K)
+        matches!(self, Self::Q4K | Self::Q5K | Self::Q6K)
+    }
+
+    /// 32-value formats with a min (`y = q·d + m`), paired with Q8_1 activations.
+    #[inline(always)]
+    pub(crate) fn has_min(self) -> bool {
+        matches!(self, Self::Q4_1 | Self::Q5_1)
+    }
+
+    /// 32-value formats with a fifth (high) bit plane.
+    #[inline(always)]
+    pub(crate) fn is_five(self) -> bool {
+        matches!(self, Self::Q5_0 | Self::Q5_1)
+    }
+
+    /// What symmetric 32-value formats subtract from their unsigned quants.
+    #[inline(always)]
+    pub(crate) fn zero_point(self) -> i32 {
+        match self {
+            Self::Q4_0 => 8,
+            Self::Q5_0 => 16,
+            _ => 0,
+        }
     }
 
     /// Values per block.
+    #[inline(always)]
     pub(crate) fn block_len(self) -> usize {
         if self.is_k() { QK_K } else { QK }
     }
@@ -77,20 +113,23 @@ impl Format {
         match self {
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
             Self::Q8_0 => 34,
             Self::Q4K => 144,
+            Self::Q5K => 176,
             Self::Q6K => 210,
         }
     }
 
-    /// Bytes of one tile-block's scales: 16 f16 `d` (and 16 f16 `m` for Q4_1); K-quants
-    /// keep their scales inside their tile-block (see `kquants`).
+    /// Bytes of one tile-block's scales: 16 f16 `d` (and 16 f16 `m`); K-quants keep their
+    /// scales inside their tile-block (see `kquants`).
     #[inline(always)]
     pub(crate) fn scale_bytes(self) -> usize {
         match self {
-            Self::Q4_1 => 2 * TILE * 2,
-            Self::Q4_0 | Self::Q8_0 => TILE * 2,
-            Self::Q4K | Self::Q6K => 0,
+            Self::Q4_1 | Self::Q5_1 => 2 * TILE * 2,
+            Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => TILE * 2,
+            Self::Q4K | Self::Q5K | Self::Q6K => 0,
         }
     }
 
@@ -99,8 +138,10 @@ impl Format {
     pub(crate) fn quant_bytes(self) -> usize {
         match self {
             Self::Q4_0 | Self::Q4_1 => TILE * QK / 2,
+            Self::Q5_0 | Self::Q5_1 => TILE * QK / 8 + TILE * QK / 2,
             Self::Q8_0 => TILE * QK,
             Self::Q4K => super::kquants::Q4K_TILE_BLOCK,
+            Self::Q5K => super::kquants::Q5K_TILE_BLOCK,
             Self::Q6K => super::kquants::Q6K_TILE_BLOCK,
         }
     }
@@ -108,7 +149,11 @@ impl Format {
     /// Blocks per aligned group (scales of a whole group come first, then its quants).
     #[inline(always)]
     pub(crate) fn group_blocks(self) -> usize {
-        if self.is_k() { 1 } else { 64 / self.scale_bytes() }
+        if self.is_k() {
+            1
+        } else {
+            64 / self.scale_bytes()
+        }
     }
 
     /// Bytes of one group: a multiple of 64.
@@ -116,6 +161,114 @@ impl Format {
     pub(crate) fn group_bytes(self) -> usize {
         self.group_blocks() * (self.scale_bytes() + self.quant_bytes())
     }
+}
+
+/// Writes the low nibbles of `q` (a multiple of 8 values) for one lane in the 4-bit group
+/// layout: 64 bytes per 8 values, byte `[g][lane][j] = q[8g+j] | q[8g+4+j] << 4`.
+pub(crate) fn put_nibbles(out: &mut [u8], lane: usize, q: &[u8]) {
+    for (g, q) in q.chunks_exact(8).enumerate() {
+        for j in 0..4 {
+            out[g * 64 + lane * 4 + j] = (q[j] & 0x0F) | ((q[4 + j] & 0x0F) << 4);
+        }
+    }
+}
+
+/// Reads one lane's nibbles (see [`put_nibbles`]) into `q`.
+pub(crate) fn get_nibbles(data: &[u8], lane: usize, q: &mut [u8]) {
+    for (g, q) in q.chunks_exact_mut(8).enumerate() {
+        for j in 0..4 {
+            let b = data[g * 64 + lane * 4 + j];
+            q[j] = b & 0x0F;
+            q[4 + j] = b >> 4;
+        }
+    }
+}
+
+/// Writes bit 4 of each of `q` (a multiple of 32 values) for one lane: 64 bytes per 32
+/// values, bit `2i` of byte `[lane][j]` is `q[8i+j]`'s, bit `2i+1` is `q[8i+4+j]`'s — the
+/// bits of the lo/hi nibble vectors of group `i` sit at fixed positions of the same byte.
+pub(crate) fn put_hbits(out: &mut [u8], lane: usize, q: &[u8]) {
+    for (c, q) in q.chunks_exact(32).enumerate() {
+        for j in 0..4 {
+            let mut byte = 0u8;
+            for i in 0..4 {
+                byte |= ((q[8 * i + j] >> 4) & 1) << (2 * i);
+                byte |= ((q[8 * i + 4 + j] >> 4) & 1) << (2 * i + 1);
+            }
+            out[c * 64 + lane * 4 + j] = byte;
+        }
+    }
+}
+
+/// ORs one lane's high bits (see [`put_hbits`]) into bit 4 of `q`.
+pub(crate) fn or_hbits(data: &[u8], lane: usize, q: &mut [u8]) {
+    for (c, q) in q.chunks_exact_mut(32).enumerate() {
+        for j in 0..4 {
+            let byte = data[c * 64 + lane * 4 + j];
+            for i in 0..4 {
+                q[8 * i + j] |= ((byte >> (2 * i)) & 1) << 4;
+                q[8 * i + 4 + j] |= ((byte >> (2 * i + 1)) & 1) << 4;
+            }
+        }
+    }
+}
+
+/// One row's 32-value block, unpacked: f16 bits of `d` and `m`, and the quants (unsigned
+/// 4/5-bit values, or Q8_0's i8 as bytes).
+pub(crate) struct SmallBlock {
+    pub(crate) d: [u8; 2],
+    pub(crate) m: [u8; 2],
+    pub(crate) q: [u8; QK],
+}
+
+fn decode_small(f: Format, blk: &[u8]) -> SmallBlock {
+    let mut b = SmallBlock {
+        d: [blk[0], blk[1]],
+        m: [0; 2],
+        q: [0; QK],
+    };
+    let (qh, qs) = match f {
+        Format::Q4_0 => (0, &blk[2..18]),
+        Format::Q4_1 => (0, &blk[4..20]),
+        Format::Q5_0 => (
+            u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]),
+            &blk[6..22],
+        ),
+        Format::Q5_1 => (
+            u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]),
+            &blk[8..24],
+        ),
+        _ => {
+            b.q.copy_from_slice(&blk[2..34]);
+            return b;
+        }
+    };
+    if f.has_min() {
+        b.m = [blk[2], blk[3]];
+    }
+    // Value v's fifth bit is bit v of `qh` (zero for 4-bit formats).
+    let high = |v: usize| (((qh >> v) & 1) as u8) << 4;
+    for (j, &byte) in qs.iter().enumerate() {
+        b.q[j] = (byte & 0x0F) | high(j);
+        b.q[j + QK / 2] = (byte >> 4) | high(j + QK / 2);
+    }
+    b
+}
+
+fn encode_small(f: Format, b: &SmallBlock, out: &mut Vec<u8>) {
+    out.extend_from_slice(&b.d);
+    if f == Format::Q8_0 {
+        out.extend_from_slice(&b.q);
+        return;
+    }
+    if f.has_min() {
+        out.extend_from_slice(&b.m);
+    }
+    if f.is_five() {
+        let qh = (0..QK).fold(0u32, |h, v| h | (((b.q[v] >> 4) & 1) as u32) << v);
+        out.extend_from_slice(&qh.to_le_bytes());
+    }
+    out.extend((0..QK / 2).map(|j| (b.q[j] & 0x0F) | ((b.q[j + QK / 2] & 0x0F) << 4)));
 }
 
 /// A heap buffer aligned to 64 bytes (cache line and zmm width).
@@ -131,7 +284,10 @@ struct Line([u8; 64]);
 
 impl AlignedBytes {
     pub(crate) fn zeroed(len: usize) -> Self {
-        Self { chunks: vec![Line([0; 64]); len.div_ceil(64)], len }
+        Self {
+            chunks: vec![Line([0; 64]); len.div_ceil(64)],
+            len,
+        }
     }
 
     pub(crate) fn as_slice(&self) -> &[u8] {
@@ -163,8 +319,9 @@ pub(crate) struct Packed {
     pub(crate) data: AlignedBytes,
 }
 
-fn read_f16(b: &[u8], at: usize) -> f16 {
-    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]]))
+/// An f16 given as little-endian bytes, widened.
+pub(crate) fn f16_bits(b: [u8; 2]) -> f32 {
+    f16::from_bits(u16::from_le_bytes(b)).to_f32()
 }
 
 impl Packed {
@@ -214,14 +371,24 @@ impl Packed {
             return Err(QuantError::Empty { n, k });
         }
         if !k.is_multiple_of(format.block_len()) {
-            return Err(QuantError::BadK { dtype, k, block: format.block_len() });
+            return Err(QuantError::BadK {
+                dtype,
+                k,
+                block: format.block_len(),
+            });
         }
         let expected = n
             .checked_mul(k / format.block_len())
             .and_then(|b| b.checked_mul(format.ggml_block_bytes()))
             .ok_or(QuantError::TooLarge { n, k })?;
         if data.len() != expected {
-            return Err(QuantError::SizeMismatch { dtype, n, k, expected, got: data.len() });
+            return Err(QuantError::SizeMismatch {
+                dtype,
+                n,
+                k,
+                expected,
+                got: data.len(),
+            });
         }
         let mut p = Self::empty(format, n, k);
         let row_bytes = p.nb * format.ggml_block_bytes();
@@ -238,44 +405,66 @@ impl Packed {
             return;
         }
         let (t, lane) = (r / TILE, r % TILE);
-        let format = self.format;
-        let bb = format.ggml_block_bytes();
+        let f = self.format;
+        let bb = f.ggml_block_bytes();
         for b in 0..self.nb {
-            let blk = &row[b * bb..(b + 1) * bb];
+            let blk = decode_small(f, &row[b * bb..(b + 1) * bb]);
             let so = self.scale_offset(t, b);
             let qo = self.quant_offset(t, b);
             let out = self.data.as_mut_slice();
             // f16 scales stay f16: the packed matrix is no larger than the GGML one.
-            out[so + 2 * lane..so + 2 * lane + 2].copy_from_slice(&blk[0..2]);
-            match format {
-                Format::Q4_0 | Format::Q4_1 => {
-                    let qs = if format == Format::Q4_1 {
-                        out[so + 2 * TILE + 2 * lane..so + 2 * TILE + 2 * lane + 2]
-                            .copy_from_slice(&blk[2..4]);
-                        &blk[4..20]
-                    } else {
-                        &blk[2..18]
-                    };
-                    let mut q = [0u8; QK];
-                    for j in 0..QK / 2 {
-                        q[j] = qs[j] & 0x0F;
-                        q[j + QK / 2] = qs[j] >> 4;
-                    }
-                    for g in 0..QK / 8 {
-                        for j in 0..4 {
-                            out[qo + g * 64 + lane * 4 + j] = q[8 * g + j] | (q[8 * g + 4 + j] << 4);
-                        }
-                    }
-                }
+            out[so + 2 * lane..so + 2 * lane + 2].copy_from_slice(&blk.d);
+            if f.has_min() {
+                out[so + 2 * TILE + 2 * lane..so + 2 * TILE + 2 * lane + 2].copy_from_slice(&blk.m);
+            }
+            let quants = &mut out[qo..qo + f.quant_bytes()];
+            match f {
                 Format::Q8_0 => {
                     for g in 0..QK / 4 {
-                        out[qo + g * 64 + lane * 4..qo + g * 64 + lane * 4 + 4]
-                            .copy_from_slice(&blk[2 + 4 * g..2 + 4 * g + 4]);
+                        quants[g * 64 + lane * 4..g * 64 + lane * 4 + 4]
+                            .copy_from_slice(&blk.q[4 * g..4 * g + 4]);
                     }
                 }
-                Format::Q4K | Format::Q6K => unreachable!("K-quants are packed by kquants"),
+                _ if f.is_five() => {
+                    put_hbits(&mut quants[..64], lane, &blk.q);
+                    put_nibbles(&mut quants[64..], lane, &blk.q);
+                }
+                _ => put_nibbles(quants, lane, &blk.q),
             }
         }
+    }
+
+    /// Block `b` of row `t * 16 + lane`, unpacked.
+    pub(crate) fn small_block(&self, t: usize, b: usize, lane: usize) -> SmallBlock {
+        let f = self.format;
+        let data = self.data.as_slice();
+        let (so, qo) = (self.scale_offset(t, b), self.quant_offset(t, b));
+        let mut blk = SmallBlock {
+            d: [data[so + 2 * lane], data[so + 2 * lane + 1]],
+            m: [0; 2],
+            q: [0; QK],
+        };
+        if f.has_min() {
+            blk.m = [
+                data[so + 2 * TILE + 2 * lane],
+                data[so + 2 * TILE + 2 * lane + 1],
+            ];
+        }
+        let quants = &data[qo..qo + f.quant_bytes()];
+        match f {
+            Format::Q8_0 => {
+                for g in 0..QK / 4 {
+                    blk.q[4 * g..4 * g + 4]
+                        .copy_from_slice(&quants[g * 64 + lane * 4..g * 64 + lane * 4 + 4]);
+                }
+            }
+            _ if f.is_five() => {
+                get_nibbles(&quants[64..], lane, &mut blk.q);
+                or_hbits(&quants[..64], lane, &mut blk.q);
+            }
+            _ => get_nibbles(quants, lane, &mut blk.q),
+        }
+        blk
     }
 
     /// Row `r` back in GGML layout, appended to `out`.
@@ -285,69 +474,9 @@ impl Packed {
             return;
         }
         let (t, lane) = (r / TILE, r % TILE);
-        let data = self.data.as_slice();
         for b in 0..self.nb {
-            let so = self.scale_offset(t, b);
-            let qo = self.quant_offset(t, b);
-            out.extend_from_slice(&data[so + 2 * lane..so + 2 * lane + 2]);
-            match self.format {
-                Format::Q4_0 | Format::Q4_1 => {
-                    if self.format == Format::Q4_1 {
-                        out.extend_from_slice(
-                            &data[so + 2 * TILE + 2 * lane..so + 2 * TILE + 2 * lane + 2],
-                        );
-                    }
-                    let q = self.nibbles(qo, lane);
-                    out.extend((0..QK / 2).map(|j| q[j] | (q[j + QK / 2] << 4)));
-                }
-                Format::Q8_0 => {
-                    for g in 0..QK / 4 {
-                        out.extend_from_slice(&data[qo + g * 64 + lane * 4..qo + g * 64 + lane * 4 + 4]);
-                    }
-                }
-                Format::Q4K | Format::Q6K => unreachable!("K-quants are unpacked by kquants"),
-            }
+            encode_small(self.format, &self.small_block(t, b, lane), out);
         }
-    }
-
-    /// The 32 unsigned 4-bit quants of one lane of a 4-bit tile-block, in `k` order.
-    #[inline]
-    pub(crate) fn nibbles(&self, qo: usize, lane: usize) -> [u8; QK] {
-        let data = self.data.as_slice();
-        let mut q = [0u8; QK];
-        for g in 0..QK / 8 {
-            for j in 0..4 {
-                let byte = data[qo + g * 64 + lane * 4 + j];
-                q[8 * g + j] = byte & 0x0F;
-                q[8 * g + 4 + j] = byte >> 4;
-            }
-        }
-        q
-    }
-
-    /// The 32 signed 8-bit quants of one lane of a Q8_0 tile-block, in `k` order.
-    #[inline]
-    pub(crate) fn bytes_i8(&self, qo: usize, lane: usize) -> [i8; QK] {
-        let data = self.data.as_slice();
-        let mut q = [0i8; QK];
-        for g in 0..QK / 4 {
-            for j in 0..4 {
-                q[4 * g + j] = data[qo + g * 64 + lane * 4 + j] as i8;
-            }
-        }
-        q
-    }
-
-    /// `d` (and `m`) of one lane of a tile-block, as f32.
-    #[inline]
-    pub(crate) fn lane_scales(&self, so: usize, lane: usize) -> (f32, f32) {
-        let data = self.data.as_slice();
-        let d = read_f16(data, so + 2 * lane).to_f32();
-        let m = match self.format {
-            Format::Q4_1 => read_f16(data, so + 2 * TILE + 2 * lane).to_f32(),
-            _ => 0.0,
-        };
-        (d, m)
     }
 
     /// Dequantizes row `r` exactly as candle's `to_float` does.
@@ -357,27 +486,17 @@ impl Packed {
             return;
         }
         let (t, lane) = (r / TILE, r % TILE);
+        let f = self.format;
         for b in 0..self.nb {
-            let (d, m) = self.lane_scales(self.scale_offset(t, b), lane);
-            let qo = self.quant_offset(t, b);
+            let blk = self.small_block(t, b, lane);
+            let d = f16_bits(blk.d);
             let dst = &mut out[b * QK..(b + 1) * QK];
-            match self.format {
-                Format::Q4_0 => {
-                    for (y, q) in dst.iter_mut().zip(self.nibbles(qo, lane)) {
-                        *y = (q as i16 - 8) as f32 * d;
-                    }
-                }
-                Format::Q4_1 => {
-                    for (y, q) in dst.iter_mut().zip(self.nibbles(qo, lane)) {
-                        *y = q as f32 * d + m;
-                    }
-                }
-                Format::Q8_0 => {
-                    for (y, q) in dst.iter_mut().zip(self.bytes_i8(qo, lane)) {
-                        *y = q as f32 * d;
-                    }
-                }
-                Format::Q4K | Format::Q6K => unreachable!("K-quants are dequantized by kquants"),
+            for (y, &q) in dst.iter_mut().zip(&blk.q) {
+                *y = match f {
+                    Format::Q8_0 => q as i8 as f32 * d,
+                    _ if f.has_min() => q as f32 * d + f16_bits(blk.m),
+                    _ => (q as i32 - f.zero_point()) as f32 * d,
+                };
             }
         }
     }

@@ -1,16 +1,20 @@
 //! Quantized matrices and their CPU matmul kernels.
 //!
 //! [`QuantMatrix`] holds a GGML-quantized weight matrix `W[n, k]` repacked into 16-row
-//! tiles (see `layout`), and computes `y = x · Wᵀ` for a batch of `m` f32 rows: the
-//! activations are quantized the way ggml/candle do (Q8_1 for Q4_1 weights, Q8_0 for Q4_0
-//! and Q8_0), and every weight block is read once per tile of activation rows.
+//! tiles (see `layout`, `kquants`), and computes `y = x · Wᵀ` for a batch of `m` f32 rows:
+//! the activations are quantized exactly as ggml/candle do (Q8_1 for Q4_1/Q5_1 weights,
+//! Q8_0 for Q4_0/Q5_0/Q8_0, Q8_K for Q4_K/Q5_K/Q6_K), and every weight block is read once
+//! per tile of activation rows.
 //!
-//! Kernels ([`Kernel`]): AVX-512 VNNI, AVX2 and portable scalar, picked at run time (or by
+//! Formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K. Kernels ([`Kernel`]): AVX-512
+//! VNNI, AVX2 and portable scalar, picked at run time (or by
 //! `RAGNODE_QUANT_KERNEL=scalar|avx2|avx512`). All three compute each output element with
-//! the same operations in the same order (exact integer block dot products, then candle's
-//! `vec_dot_unopt` float sequence, block by block), so results are bitwise identical
-//! across kernels, batch sizes, tilings and thread counts, and for Q4_1 bitwise identical
-//! to candle's own `QMatMul` (whose Q4_1 × Q8_1 dot product is that same scalar loop).
+//! the same operations in the same order (exact integer block dot products, then a fixed
+//! float sequence, block by block — for the 32-value formats candle's `vec_dot_unopt`
+//! one), so results are bitwise identical across kernels, batch sizes, tilings and thread
+//! counts; for Q4_1, Q5_0 and Q5_1 they are also bitwise identical to candle's `QMatMul`
+//! (whose dot products for these are that same scalar loop), and within ~2e-6 of the
+//! output's scale for the others (candle sums their SIMD dot products in another order).
 //!
 //! Threads come from candle's barrier pool (`candle_core::utils::barrier_pool`), shared with
 //! candle's own CPU ops so the two never oversubscribe the cores.
@@ -41,11 +45,25 @@ pub enum QuantError {
     #[error("matrix [{n}, {k}] is too large")]
     TooLarge { n: usize, k: usize },
     #[error("k = {k} is not a multiple of the {dtype:?} block size {block}")]
-    BadK { dtype: GgmlDType, k: usize, block: usize },
+    BadK {
+        dtype: GgmlDType,
+        k: usize,
+        block: usize,
+    },
     #[error("{dtype:?} data for a [{n}, {k}] matrix must be {expected} bytes, got {got}")]
-    SizeMismatch { dtype: GgmlDType, n: usize, k: usize, expected: usize, got: usize },
+    SizeMismatch {
+        dtype: GgmlDType,
+        n: usize,
+        k: usize,
+        expected: usize,
+        got: usize,
+    },
     #[error("{what}: expected {expected} elements, got {got}")]
-    BadLength { what: &'static str, expected: usize, got: usize },
+    BadLength {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
     #[error("concat_rows: {0}")]
     Concat(String),
     #[error("row {row} out of range for a matrix of {rows} rows")]
@@ -118,7 +136,10 @@ pub struct MatmulOptions {
 
 impl Default for MatmulOptions {
     fn default() -> Self {
-        Self { kernel: Kernel::best(), parallel: true }
+        Self {
+            kernel: Kernel::best(),
+            parallel: true,
+        }
     }
 }
 
@@ -152,7 +173,9 @@ impl QuantMatrix {
         let Some(format) = Format::from_dtype(dtype) else {
             return Ok(None);
         };
-        Ok(Some(Self { packed: Packed::from_ggml(format, data, n, k)? }))
+        Ok(Some(Self {
+            packed: Packed::from_ggml(format, data, n, k)?,
+        }))
     }
 
     /// Stacks matrices with the same `k` and format along `n` (fuses q/k/v or gate/up).
@@ -161,7 +184,10 @@ impl QuantMatrix {
             return Err(QuantError::Concat("no matrices".into()));
         };
         let (format, k) = (first.packed.format, first.packed.k);
-        if let Some(bad) = parts.iter().find(|p| p.packed.format != format || p.packed.k != k) {
+        if let Some(bad) = parts
+            .iter()
+            .find(|p| p.packed.format != format || p.packed.k != k)
+        {
             return Err(QuantError::Concat(format!(
                 "{:?} [.., {}] does not match {:?} [.., {k}]",
                 bad.dtype(),
@@ -176,7 +202,9 @@ impl QuantMatrix {
                 part.packed.push_ggml_row(r, &mut ggml);
             }
         }
-        Ok(Self { packed: Packed::from_ggml(format, &ggml, n, k)? })
+        Ok(Self {
+            packed: Packed::from_ggml(format, &ggml, n, k)?,
+        })
     }
 
     /// Output features `n`.
@@ -200,7 +228,9 @@ impl QuantMatrix {
 
     /// The matrix back in GGML layout (what `from_ggml` was given).
     pub fn to_ggml(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.rows() * self.packed.nb * self.packed.format.ggml_block_bytes());
+        let mut out = Vec::with_capacity(
+            self.rows() * self.packed.nb * self.packed.format.ggml_block_bytes(),
+        );
         for r in 0..self.rows() {
             self.packed.push_ggml_row(r, &mut out);
         }
@@ -223,7 +253,11 @@ impl QuantMatrix {
         let (n, k) = (self.rows(), self.cols());
         let check = |what, expected: Option<usize>, got| match expected {
             Some(e) if e == got => Ok(()),
-            Some(e) => Err(QuantError::BadLength { what, expected: e, got }),
+            Some(e) => Err(QuantError::BadLength {
+                what,
+                expected: e,
+                got,
+            }),
             None => Err(QuantError::TooLarge { n: m, k }),
         };
         check("x (m × k)", m.checked_mul(k), x.len())?;
@@ -238,11 +272,18 @@ impl QuantMatrix {
     /// Dequantizes row `r` (an embedding lookup) into `out[..k]`, exactly as candle does.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<(), QuantError> {
         if r >= self.rows() {
-            return Err(QuantError::RowOutOfRange { row: r, rows: self.rows() });
+            return Err(QuantError::RowOutOfRange {
+                row: r,
+                rows: self.rows(),
+            });
         }
         let k = self.cols();
         let Some(out) = out.get_mut(..k) else {
-            return Err(QuantError::BadLength { what: "dequantize_row out", expected: k, got: out.len() });
+            return Err(QuantError::BadLength {
+                what: "dequantize_row out",
+                expected: k,
+                got: out.len(),
+            });
         };
         self.packed.dequantize_row(r, out);
         Ok(())
@@ -257,6 +298,15 @@ pub fn set_tuning(rows: usize, tiles: usize, tiles_m1: usize) {
     exec::TUNING.rows.store(rows, Relaxed);
     exec::TUNING.tiles.store(tiles, Relaxed);
     exec::TUNING.tiles_m1.store(tiles_m1, Relaxed);
+}
+
+/// Sets how many work items each pool thread gets (1: one contiguous range of tiles per
+/// thread; more: smaller ranges handed out dynamically); for benchmarking.
+#[doc(hidden)]
+pub fn set_parts_per_thread(parts: usize) {
+    exec::TUNING
+        .parts_per_thread
+        .store(parts, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Embedding lookup: `ids` → `[ids.len(), k]` f32, row-major.
@@ -280,7 +330,11 @@ impl CustomOp1 for QuantMatmulOp {
         "ragnode-quant-matmul"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, k) = (self.w.rows(), self.w.cols());
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!("{}: x must be f32", self.name());
@@ -290,7 +344,11 @@ impl CustomOp1 for QuantMatmulOp {
         };
         let dims = layout.shape().dims();
         if dims.last() != Some(&k) {
-            candle_core::bail!("{}: x of shape {:?} does not end in k = {k}", self.name(), dims);
+            candle_core::bail!(
+                "{}: x of shape {:?} does not end in k = {k}",
+                self.name(),
+                dims
+            );
         }
         let m = layout.shape().elem_count() / k;
         let mut y = vec![0f32; m * n];
@@ -317,7 +375,10 @@ impl CustomOp1 for QuantMatmulOp {
         _: &candle_core::MetalStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
-        candle_core::bail!("{}: not on CPU (use candle's QMatMul on Metal)", self.name())
+        candle_core::bail!(
+            "{}: not on CPU (use candle's QMatMul on Metal)",
+            self.name()
+        )
     }
 }
 
@@ -327,7 +388,10 @@ pub fn quant_matmul(x: &Tensor, w: &Arc<QuantMatrix>) -> candle_core::Result<Ten
         candle_core::bail!("quant_matmul: x must be f32, got {:?}", x.dtype());
     }
     if !x.device().is_cpu() {
-        candle_core::bail!("quant_matmul: not on CPU (x is on {:?})", x.device().location());
+        candle_core::bail!(
+            "quant_matmul: not on CPU (x is on {:?})",
+            x.device().location()
+        );
     }
     let x = x.contiguous()?;
     x.apply_op1_no_bwd(&QuantMatmulOp { w: w.clone() })

@@ -9,9 +9,10 @@
 //! portable kernel's (`((isum · dw) · dx) [+ mw · sx]`, then `acc +=`), lane-wise, so the
 //! results equal [`super::scalar`]'s bit for bit.
 //!
-//! Unsigned × signed: 4-bit quants are unsigned nibbles (Q4_0's `-8` is folded into the
-//! accumulator's start value as `-8 · Σx`); Q8_0 quants are flipped to `q + 128` for
-//! `vpdpbusd` (start value `-128 · Σx`) and use the `sign` trick for `vpmaddubsw`.
+//! Unsigned × signed: 4/5-bit quants are unsigned (Q4_0's `-8` and Q5_0's `-16` are folded
+//! into the accumulator's start value as `-z · Σx`; Q5's fifth bit is OR-ed in from a bit
+//! plane); Q8_0 quants are flipped to `q + 128` for `vpdpbusd` (start value `-128 · Σx`)
+//! and use the `sign` trick for `vpmaddubsw`.
 
 use super::acts::{ActKind, ActRowsMut, QActs, q8_1_s};
 use super::exec::{Blocking, OutPtr, ROW_CHUNK};
@@ -22,13 +23,76 @@ use std::ops::Range;
 const FMT_Q4_0: u8 = 0;
 const FMT_Q4_1: u8 = 1;
 const FMT_Q8_0: u8 = 2;
+const FMT_Q5_0: u8 = 3;
+const FMT_Q5_1: u8 = 4;
 
 #[inline(always)]
 fn fmt_of(id: u8) -> Format {
     match id {
         FMT_Q4_0 => Format::Q4_0,
         FMT_Q4_1 => Format::Q4_1,
+        FMT_Q5_0 => Format::Q5_0,
+        FMT_Q5_1 => Format::Q5_1,
         _ => Format::Q8_0,
+    }
+}
+
+/// Moves bit `C` of every byte to bit 4 (the fifth bit of a 5-bit quant), zeroing the rest.
+/// 16-bit shifts are fine: bit 4 of either byte only receives bits of the same byte.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) fn hbit512<const C: u32>(qh: __m512i) -> __m512i {
+    let v = match C {
+        0 => _mm512_slli_epi16::<4>(qh),
+        1 => _mm512_slli_epi16::<3>(qh),
+        2 => _mm512_slli_epi16::<2>(qh),
+        3 => _mm512_slli_epi16::<1>(qh),
+        4 => qh,
+        5 => _mm512_srli_epi16::<1>(qh),
+        6 => _mm512_srli_epi16::<2>(qh),
+        _ => _mm512_srli_epi16::<3>(qh),
+    };
+    _mm512_and_si512(v, _mm512_set1_epi8(0x10))
+}
+
+/// The fifth bits of group `g`'s lo (`C = 2g`) and hi (`C = 2g + 1`) nibble vectors.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) fn hbits512(qh: __m512i, g: usize) -> (__m512i, __m512i) {
+    match g {
+        0 => (hbit512::<0>(qh), hbit512::<1>(qh)),
+        1 => (hbit512::<2>(qh), hbit512::<3>(qh)),
+        2 => (hbit512::<4>(qh), hbit512::<5>(qh)),
+        _ => (hbit512::<6>(qh), hbit512::<7>(qh)),
+    }
+}
+
+/// AVX2 version of [`hbit512`].
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(crate) fn hbit256<const C: u32>(qh: __m256i) -> __m256i {
+    let v = match C {
+        0 => _mm256_slli_epi16::<4>(qh),
+        1 => _mm256_slli_epi16::<3>(qh),
+        2 => _mm256_slli_epi16::<2>(qh),
+        3 => _mm256_slli_epi16::<1>(qh),
+        4 => qh,
+        5 => _mm256_srli_epi16::<1>(qh),
+        6 => _mm256_srli_epi16::<2>(qh),
+        _ => _mm256_srli_epi16::<3>(qh),
+    };
+    _mm256_and_si256(v, _mm256_set1_epi8(0x10))
+}
+
+/// AVX2 version of [`hbits512`].
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(crate) fn hbits256(qh: __m256i, g: usize) -> (__m256i, __m256i) {
+    match g {
+        0 => (hbit256::<0>(qh), hbit256::<1>(qh)),
+        1 => (hbit256::<2>(qh), hbit256::<3>(qh)),
+        2 => (hbit256::<4>(qh), hbit256::<5>(qh)),
+        _ => (hbit256::<6>(qh), hbit256::<7>(qh)),
     }
 }
 
@@ -53,7 +117,10 @@ pub(crate) fn has_avx512_vnni() -> bool {
 fn block_offsets(f: Format, b: usize) -> (usize, usize) {
     let g = f.group_blocks();
     let group = (b / g) * f.group_bytes();
-    (group + (b % g) * f.scale_bytes(), group + g * f.scale_bytes() + (b % g) * f.quant_bytes())
+    (
+        group + (b % g) * f.scale_bytes(),
+        group + g * f.scale_bytes() + (b % g) * f.quant_bytes(),
+    )
 }
 
 /// Reads 4 activation quant bytes as one i32 (for broadcasting).
@@ -113,10 +180,11 @@ unsafe fn tile512<const FMT: u8, const R: usize, const T: usize>(
         let mut isum = [[zero; T]; R];
         // Few accumulators: a second chain halves the dpbusd latency chain (exact: integers).
         let mut isum2 = [[zero; T]; R];
-        if FMT != FMT_Q4_1 {
-            let off = if FMT == FMT_Q4_0 { -8 } else { -128 };
+        // Zero points fold into the start value: Σ(q - z)·x = Σq·x - z·Σx.
+        let zp = if FMT == FMT_Q8_0 { 128 } else { f.zero_point() };
+        if zp != 0 {
             for (r, row) in isum.iter_mut().enumerate() {
-                *row = [_mm512_set1_epi32(off * xsum[r * nb + b]); T];
+                *row = [_mm512_set1_epi32(-zp * xsum[r * nb + b]); T];
             }
         }
         if FMT == FMT_Q8_0 {
@@ -127,8 +195,13 @@ unsafe fn tile512<const FMT: u8, const R: usize, const T: usize>(
                     *w = _mm512_xor_si512(v, flip);
                 }
                 for (r, row) in isum.iter_mut().enumerate() {
-                    let x = _mm512_set1_epi32(unsafe { load4(xbase.add(r * stride + b * QK + 4 * g)) });
-                    let acc = if split && g % 2 == 1 { &mut isum2[r] } else { row };
+                    let x =
+                        _mm512_set1_epi32(unsafe { load4(xbase.add(r * stride + b * QK + 4 * g)) });
+                    let acc = if split && g % 2 == 1 {
+                        &mut isum2[r]
+                    } else {
+                        row
+                    };
                     for (s, w) in acc.iter_mut().zip(&w) {
                         *s = _mm512_dpbusd_epi32(*s, *w, x);
                     }
@@ -142,13 +215,28 @@ unsafe fn tile512<const FMT: u8, const R: usize, const T: usize>(
                 }
             }
         } else {
+            let five = f.is_five();
+            // 5-bit: the high-bit plane (64 B) precedes the nibbles.
+            let nib = if five { 64 } else { 0 };
+            let mut qh = [zero; T];
+            if five {
+                for (t, qh) in qh.iter_mut().enumerate() {
+                    *qh = unsafe { _mm512_loadu_si512(wbase.add(t * tb + qo).cast()) };
+                }
+            }
             for g in 0..QK / 8 {
                 let mut lo = [zero; T];
                 let mut hi = [zero; T];
                 for t in 0..T {
-                    let v = unsafe { _mm512_loadu_si512(wbase.add(t * tb + qo + g * 64).cast()) };
+                    let v =
+                        unsafe { _mm512_loadu_si512(wbase.add(t * tb + qo + nib + g * 64).cast()) };
                     lo[t] = _mm512_and_si512(v, low4);
                     hi[t] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low4);
+                    if five {
+                        let (hl, hh) = hbits512(qh[t], g);
+                        lo[t] = _mm512_or_si512(lo[t], hl);
+                        hi[t] = _mm512_or_si512(hi[t], hh);
+                    }
                 }
                 for r in 0..R {
                     let xp = unsafe { xbase.add(r * stride + b * QK + 8 * g) };
@@ -176,7 +264,7 @@ unsafe fn tile512<const FMT: u8, const R: usize, const T: usize>(
         let mut mw = [_mm512_setzero_ps(); T];
         for t in 0..T {
             dw[t] = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(wbase.add(t * tb + so).cast()) });
-            if FMT == FMT_Q4_1 {
+            if f.has_min() {
                 mw[t] = _mm512_cvtph_ps(unsafe {
                     _mm256_loadu_si256(wbase.add(t * tb + so + 2 * TILE).cast())
                 });
@@ -187,7 +275,7 @@ unsafe fn tile512<const FMT: u8, const R: usize, const T: usize>(
             let sx = _mm512_set1_ps(xs[r * nb + b]);
             for t in 0..T {
                 let mut v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(isum[r][t]), dw[t]), dx);
-                if FMT == FMT_Q4_1 {
+                if f.has_min() {
                     v = _mm512_add_ps(v, _mm512_mul_ps(mw[t], sx));
                 }
                 acc[r][t] = _mm512_add_ps(acc[r][t], v);
@@ -258,8 +346,10 @@ pub(crate) unsafe fn run_avx512(
         Format::Q4_0 => pick512::<FMT_Q4_0>,
         Format::Q4_1 => pick512::<FMT_Q4_1>,
         Format::Q8_0 => pick512::<FMT_Q8_0>,
+        Format::Q5_0 => pick512::<FMT_Q5_0>,
+        Format::Q5_1 => pick512::<FMT_Q5_1>,
         // SAFETY: forwarded from this function's contract.
-        Format::Q4K | Format::Q6K => {
+        Format::Q4K | Format::Q5K | Format::Q6K => {
             return unsafe { super::x86k::run_avx512(p, a, rows, tiles, y, blocking) };
         }
     };
@@ -329,7 +419,8 @@ unsafe fn tile256<const FMT: u8, const R: usize>(
                     sw[h] = v;
                 }
                 for (r, row) in isum.iter_mut().enumerate() {
-                    let x = _mm256_set1_epi32(unsafe { load4(xbase.add(r * stride + b * QK + 4 * g)) });
+                    let x =
+                        _mm256_set1_epi32(unsafe { load4(xbase.add(r * stride + b * QK + 4 * g)) });
                     for h in 0..2 {
                         // |w| · (x · sign w): pairs stay below 2·128·127, no i16 saturation.
                         let pr = _mm256_maddubs_epi16(aw[h], _mm256_sign_epi8(x, sw[h]));
@@ -338,16 +429,35 @@ unsafe fn tile256<const FMT: u8, const R: usize>(
                 }
             }
         } else {
-            // 4-bit × 8-bit pairs are at most 2·15·127, so a whole block's 8 pair sums fit
-            // in i16 (≤ 30480): widen once per block.
+            // 4-bit pairs (u8 ≤ 15 times i8) are at most 2·15·127, so a whole block's 8 pair
+            // sums fit in i16 (≤ 30480) and widen once per block; 5-bit pairs (≤ 2·31·127)
+            // widen every 2 groups (≤ 31496).
+            let five = f.is_five();
+            let nib = if five { 64 } else { 0 };
+            let mut qh = [zero; 2];
+            if five {
+                for (h, qh) in qh.iter_mut().enumerate() {
+                    *qh = unsafe { _mm256_loadu_si256(wbase.add(qo + h * 32).cast()) };
+                }
+            }
+            let zp = f.zero_point();
+            for (r, row) in isum.iter_mut().enumerate() {
+                *row = [_mm256_set1_epi32(-zp * xsum[r * nb + b]); 2];
+            }
             let mut p16 = [[zero; 2]; R];
             for g in 0..QK / 8 {
                 let mut lo = [zero; 2];
                 let mut hi = [zero; 2];
                 for h in 0..2 {
-                    let v = unsafe { _mm256_loadu_si256(wbase.add(qo + g * 64 + h * 32).cast()) };
+                    let v =
+                        unsafe { _mm256_loadu_si256(wbase.add(qo + nib + g * 64 + h * 32).cast()) };
                     lo[h] = _mm256_and_si256(v, low4);
                     hi[h] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4);
+                    if five {
+                        let (hl, hh) = hbits256(qh[h], g);
+                        lo[h] = _mm256_or_si256(lo[h], hl);
+                        hi[h] = _mm256_or_si256(hi[h], hh);
+                    }
                 }
                 for (r, row) in p16.iter_mut().enumerate() {
                     let xp = unsafe { xbase.add(r * stride + b * QK + 8 * g) };
@@ -358,12 +468,14 @@ unsafe fn tile256<const FMT: u8, const R: usize>(
                         row[h] = _mm256_add_epi16(row[h], _mm256_maddubs_epi16(hi[h], xh));
                     }
                 }
-            }
-            for r in 0..R {
-                let start = if FMT == FMT_Q4_0 { -8 * xsum[r * nb + b] } else { 0 };
-                let start = _mm256_set1_epi32(start);
-                for h in 0..2 {
-                    isum[r][h] = _mm256_add_epi32(start, _mm256_madd_epi16(p16[r][h], ones));
+                if g == QK / 8 - 1 || (five && g % 2 == 1) {
+                    for r in 0..R {
+                        for h in 0..2 {
+                            let wide = _mm256_madd_epi16(p16[r][h], ones);
+                            isum[r][h] = _mm256_add_epi32(isum[r][h], wide);
+                            p16[r][h] = zero;
+                        }
+                    }
                 }
             }
         }
@@ -371,7 +483,7 @@ unsafe fn tile256<const FMT: u8, const R: usize>(
         let mut mw = [_mm256_setzero_ps(); 2];
         for h in 0..2 {
             dw[h] = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(wbase.add(so + 16 * h).cast()) });
-            if FMT == FMT_Q4_1 {
+            if f.has_min() {
                 mw[h] = _mm256_cvtph_ps(unsafe {
                     _mm_loadu_si128(wbase.add(so + 2 * TILE + 16 * h).cast())
                 });
@@ -382,7 +494,7 @@ unsafe fn tile256<const FMT: u8, const R: usize>(
             let sx = _mm256_set1_ps(xs[r * nb + b]);
             for h in 0..2 {
                 let mut v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(isum[r][h]), dw[h]), dx);
-                if FMT == FMT_Q4_1 {
+                if f.has_min() {
                     v = _mm256_add_ps(v, _mm256_mul_ps(mw[h], sx));
                 }
                 acc[r][h] = _mm256_add_ps(acc[r][h], v);
@@ -425,8 +537,10 @@ pub(crate) unsafe fn run_avx2(
         Format::Q4_0 => pick256::<FMT_Q4_0>,
         Format::Q4_1 => pick256::<FMT_Q4_1>,
         Format::Q8_0 => pick256::<FMT_Q8_0>,
+        Format::Q5_0 => pick256::<FMT_Q5_0>,
+        Format::Q5_1 => pick256::<FMT_Q5_1>,
         // SAFETY: forwarded from this function's contract.
-        Format::Q4K | Format::Q6K => {
+        Format::Q4K | Format::Q5K | Format::Q6K => {
             return unsafe { super::x86k::run_avx2(p, a, rows, tiles, y, blocking) };
         }
     };
@@ -460,7 +574,10 @@ fn round_away512(v: __m512) -> __m512 {
     let frac = _mm512_abs_ps(_mm512_sub_ps(v, t));
     let step = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, _mm512_set1_ps(0.5));
     let sign = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(i32::MIN));
-    let one = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(_mm512_set1_ps(1.0)), sign));
+    let one = _mm512_castsi512_ps(_mm512_or_si512(
+        _mm512_castps_si512(_mm512_set1_ps(1.0)),
+        sign,
+    ));
     _mm512_mask_add_ps(t, step, t, one)
 }
 
@@ -478,7 +595,12 @@ pub(crate) unsafe fn quantize_rows_avx512(x: &[f32], kind: ActKind, mut out: Act
     }
     for (bi, xs) in x.chunks_exact(QK).enumerate() {
         // SAFETY: `xs` holds 32 floats.
-        let (v0, v1) = unsafe { (_mm512_loadu_ps(xs.as_ptr()), _mm512_loadu_ps(xs.as_ptr().add(16))) };
+        let (v0, v1) = unsafe {
+            (
+                _mm512_loadu_ps(xs.as_ptr()),
+                _mm512_loadu_ps(xs.as_ptr().add(16)),
+            )
+        };
         let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
         let d = amax / 127.0;
         let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
