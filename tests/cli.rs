@@ -26,19 +26,29 @@ fn bad_model_paths_fail_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("broken.gguf");
     std::fs::write(&junk, b"this is not a gguf file").unwrap();
-    for (model, expect) in [
-        (dir.path().join("missing.gguf"), "not found"),
-        (junk.clone(), "broken.gguf"),
-    ] {
-        let out = Command::new(ragnode_bin())
-            .args(["generate", "--prompt", "hi", "--model"])
-            .arg(&model)
-            .output()
-            .unwrap();
+    for (model, expect) in [(dir.path().join("missing.gguf"), "not found"), (junk.clone(), "broken.gguf")] {
+        let out =
+            Command::new(ragnode_bin()).args(["generate", "--prompt", "hi", "--model"]).arg(&model).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
         assert!(stderr.starts_with("error: "), "stderr: {stderr}");
         assert!(stderr.contains(expect), "expected {expect:?} in: {stderr}");
         assert!(!stderr.contains("panicked"), "stderr: {stderr}");
     }
+}
+
+#[test]
+fn hub_repo_ids_fail_clearly_when_offline() {
+    let hf_home = tempfile::tempdir().unwrap();
+    let out = Command::new(ragnode_bin())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", hf_home.path())
+        .args(["generate", "--prompt", "hi", "--model", "HuggingFaceTB/SmolLM2-135M-Instruct"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.contains("HuggingFaceTB/SmolLM2-135M-Instruct"), "{stderr}");
+    assert!(stderr.contains("HF_HUB_OFFLINE"), "{stderr}");
+    assert!(stderr.contains("local path"), "{stderr}");
 }

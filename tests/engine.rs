@@ -221,7 +221,8 @@ fn same_seed_same_output() {
     let prompt = chat(&m.tokenizer, "Give me a random fruit name.");
     let run = |seed| {
         let mut req = GenerationRequest::new(prompt.clone(), 20);
-        req.sampling = SamplingParams { temperature: 1.0, top_p: 0.95, top_k: 50, seed: Some(seed), ..SamplingParams::default() };
+        req.sampling =
+            SamplingParams { temperature: 1.0, top_p: 0.95, top_k: 50, seed: Some(seed), ..SamplingParams::default() };
         req.ignore_eos = true;
         engine.submit(req).unwrap().collect_blocking().token_ids
     };
@@ -246,7 +247,12 @@ fn stop_string_split_across_tokens_is_caught_and_not_emitted() {
     let full = deltas.concat();
     // A stop string made of the end of one token's text and the start of the next one's.
     let i = (3..deltas.len() - 1)
-        .find(|&i| deltas[i].chars().count() >= 2 && deltas[i + 1].chars().count() >= 2 && deltas[i].is_ascii() && deltas[i + 1].is_ascii())
+        .find(|&i| {
+            deltas[i].chars().count() >= 2
+                && deltas[i + 1].chars().count() >= 2
+                && deltas[i].is_ascii()
+                && deltas[i + 1].is_ascii()
+        })
         .expect("two adjacent multi-character tokens");
     let stop = format!("{}{}", &deltas[i][deltas[i].len() - 2..], &deltas[i + 1][..2]);
     let cut = full.find(&stop).unwrap();

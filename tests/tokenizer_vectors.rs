@@ -14,12 +14,10 @@ use candle_core::quantized::gguf_file;
 use ragnode_models::tokenizer::{ChatMessage, ModelTokenizer};
 
 fn load(path: &Path) -> ModelTokenizer {
-    let mut file =
-        std::fs::File::open(path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-    let content = gguf_file::Content::read(&mut file)
-        .unwrap_or_else(|e| panic!("reading GGUF {}: {e}", path.display()));
-    ModelTokenizer::from_gguf(&content)
-        .unwrap_or_else(|e| panic!("building the tokenizer of {}: {e}", path.display()))
+    let mut file = std::fs::File::open(path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    let content =
+        gguf_file::Content::read(&mut file).unwrap_or_else(|e| panic!("reading GGUF {}: {e}", path.display()));
+    ModelTokenizer::from_gguf(&content).unwrap_or_else(|e| panic!("building the tokenizer of {}: {e}", path.display()))
 }
 
 fn read_cases(vocab: &Path) -> Vec<(String, Vec<u32>)> {
@@ -47,9 +45,7 @@ fn read_cases(vocab: &Path) -> Vec<(String, Vec<u32>)> {
     let outputs: Vec<Vec<u32>> = out
         .lines()
         .map(|line| {
-            line.split_whitespace()
-                .map(|id| id.parse().unwrap_or_else(|e| panic!("bad id {id:?}: {e}")))
-                .collect()
+            line.split_whitespace().map(|id| id.parse().unwrap_or_else(|e| panic!("bad id {id:?}: {e}"))).collect()
         })
         .collect();
     assert_eq!(
@@ -85,11 +81,7 @@ fn show_ids(tok: &ModelTokenizer, ids: &[u32]) -> String {
 /// The case text, cut to 200 characters.
 fn show_text(text: &str) -> String {
     let cut: String = text.chars().take(200).collect();
-    if cut.len() < text.len() {
-        format!("{cut:?}... ({} bytes)", text.len())
-    } else {
-        format!("{cut:?}")
-    }
+    if cut.len() < text.len() { format!("{cut:?}... ({} bytes)", text.len()) } else { format!("{cut:?}") }
 }
 
 /// Runs every case of `ggml-vocab-NAME.gguf`, failing with each mismatch spelled out.
@@ -100,9 +92,7 @@ fn check_vocab(name: &str) {
     let mut report = String::new();
     let mut failed = 0;
     for (index, (text, expected)) in cases.iter().enumerate() {
-        let got = tok
-            .encode_with(text, false, false)
-            .unwrap_or_else(|e| panic!("{name} case {index} {text:?}: {e}"));
+        let got = tok.encode_with(text, false, false).unwrap_or_else(|e| panic!("{name} case {index} {text:?}: {e}"));
         if &got != expected {
             failed += 1;
             let _ = writeln!(
@@ -114,11 +104,7 @@ fn check_vocab(name: &str) {
             );
         }
     }
-    assert!(
-        failed == 0,
-        "{name}: {failed}/{} cases differ from llama.cpp's reference ids:\n{report}",
-        cases.len()
-    );
+    assert!(failed == 0, "{name}: {failed}/{} cases differ from llama.cpp's reference ids:\n{report}", cases.len());
     eprintln!("{name}: {n}/{n} cases pass", n = cases.len());
 }
 
@@ -216,10 +202,7 @@ fn smollm2_round_trips_text() {
     assert_eq!(ids.len(), 4, "{}", show_ids(&tok, &ids));
     // SmolLM2 does not ask for BOS.
     assert!(!tok.adds_bos());
-    assert_eq!(
-        tok.encode("Hi", true).unwrap(),
-        tok.encode("Hi", false).unwrap()
-    );
+    assert_eq!(tok.encode("Hi", true).unwrap(), tok.encode("Hi", false).unwrap());
 }
 
 #[test]
@@ -229,11 +212,7 @@ fn smollm2_chat_tokens_and_template() {
     let im_end = tok.token_to_id("<|im_end|>").expect("<|im_end|>");
     assert_eq!(tok.encode("<|im_start|>", false).unwrap(), [im_start]);
     assert_eq!(tok.encode("<|im_end|>", false).unwrap(), [im_end]);
-    assert!(
-        tok.stop_token_ids().contains(&im_end),
-        "{:?}",
-        tok.stop_token_ids()
-    );
+    assert!(tok.stop_token_ids().contains(&im_end), "{:?}", tok.stop_token_ids());
     assert!(tok.is_special(im_start) && tok.is_special(im_end));
 
     let messages = [ChatMessage::user("What is the capital of France?")];
@@ -253,14 +232,6 @@ fn smollm2_chat_tokens_and_template() {
     assert!(!visible.contains("<|im_start|>") && visible.contains("capital of France"));
 
     // A system message replaces the default one.
-    let prompt = tok
-        .apply_chat_template(
-            &[ChatMessage::system("Be brief."), ChatMessage::user("Hi")],
-            false,
-        )
-        .unwrap();
-    assert_eq!(
-        prompt,
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-    );
+    let prompt = tok.apply_chat_template(&[ChatMessage::system("Be brief."), ChatMessage::user("Hi")], false).unwrap();
+    assert_eq!(prompt, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
 }

@@ -43,13 +43,15 @@ impl IncrementalDecoder {
         self.ids.push(id);
         let prefix = dec.decode_ids(&self.ids[self.prefix_offset..self.read_offset])?;
         let full = dec.decode_ids(&self.ids[self.prefix_offset..])?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}')
-            && let Some(delta) = full.get(prefix.len()..) {
-                let delta = delta.to_string();
-                self.prefix_offset = self.read_offset;
-                self.read_offset = self.ids.len();
-                return Ok(delta);
-            }
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && let Some(delta) = full.get(prefix.len()..)
+        {
+            let delta = delta.to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            return Ok(delta);
+        }
         Ok(String::new())
     }
 

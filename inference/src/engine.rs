@@ -133,7 +133,11 @@ pub struct Engine;
 
 impl Engine {
     /// Sizes the KV cache from the budget and starts the engine thread.
-    pub fn start(model: Arc<dyn CausalLm>, tokenizer: Arc<ModelTokenizer>, cfg: EngineConfig) -> Result<EngineHandle, EngineError> {
+    pub fn start(
+        model: Arc<dyn CausalLm>,
+        tokenizer: Arc<ModelTokenizer>,
+        cfg: EngineConfig,
+    ) -> Result<EngineHandle, EngineError> {
         if cfg.block_size == 0 || cfg.max_batch_tokens == 0 || cfg.max_num_seqs == 0 {
             return Err(EngineError::Start("block_size, max_batch_tokens and max_num_seqs must be > 0".into()));
         }
@@ -149,10 +153,19 @@ impl Engine {
                 layout.bytes_per_token(dtype)
             )));
         }
-        let cache = PagedKvCache::new(layout, num_blocks, cfg.block_size, dtype, &device).map_err(|e| EngineError::Start(e.to_string()))?;
+        let cache = PagedKvCache::new(layout, num_blocks, cfg.block_size, dtype, &device)
+            .map_err(|e| EngineError::Start(e.to_string()))?;
         let pool = KvBlockPool::new(num_blocks, cfg.block_size);
-        let context_limit = cfg.max_context.unwrap_or(usize::MAX).min(model.max_context()).min(num_blocks * cfg.block_size);
-        tracing::info!(num_blocks, block_size = cfg.block_size, ?dtype, cache_mib = cache.size_in_bytes() >> 20, context_limit, "KV cache ready");
+        let context_limit =
+            cfg.max_context.unwrap_or(usize::MAX).min(model.max_context()).min(num_blocks * cfg.block_size);
+        tracing::info!(
+            num_blocks,
+            block_size = cfg.block_size,
+            ?dtype,
+            cache_mib = cache.size_in_bytes() >> 20,
+            context_limit,
+            "KV cache ready"
+        );
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared {
             cmd: Mutex::new(tx),
@@ -165,7 +178,10 @@ impl Engine {
             thread: Mutex::new(None),
             cfg: cfg.clone(),
         });
-        let sched = BatchScheduler::new(SchedulerConfig { max_num_seqs: cfg.max_num_seqs, max_batch_tokens: cfg.max_batch_tokens }, pool);
+        let sched = BatchScheduler::new(
+            SchedulerConfig { max_num_seqs: cfg.max_num_seqs, max_batch_tokens: cfg.max_batch_tokens },
+            pool,
+        );
         let worker = Worker { model, cache, tokenizer, sched, rx, shared: shared.clone() };
         let thread = std::thread::Builder::new()
             .name("ragnode-engine".into())
@@ -187,7 +203,10 @@ impl EngineHandle {
             return Err(EngineError::InvalidRequest("max_tokens must be at least 1".into()));
         }
         if let Some(bad) = req.prompt.iter().chain(&req.stop_token_ids).find(|&&t| t as usize >= s.vocab_size) {
-            return Err(EngineError::InvalidRequest(format!("token id {bad} is outside the vocabulary ({})", s.vocab_size)));
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                s.vocab_size
+            )));
         }
         req.sampling.validate().map_err(EngineError::InvalidRequest)?;
         if req.prompt.len() >= s.context_limit {
@@ -323,9 +342,10 @@ impl Worker {
                 // Nothing fits (should not happen: requests are capped to the pool); avoid
                 // spinning while waiting for a command.
                 if let Ok(cmd) = self.rx.recv_timeout(Duration::from_millis(50))
-                    && !self.handle(cmd) {
-                        return;
-                    }
+                    && !self.handle(cmd)
+                {
+                    return;
+                }
                 continue;
             }
             self.step(&items);
@@ -387,10 +407,11 @@ impl Worker {
         let now = Instant::now();
         for it in items {
             if let Some(seq) = self.sched.get_mut(it.id)
-                && seq.payload.admitted.is_none() {
-                    seq.payload.admitted = Some(now);
-                    self.shared.counters.queued.fetch_sub(1, Ordering::AcqRel);
-                }
+                && seq.payload.admitted.is_none()
+            {
+                seq.payload.admitted = Some(now);
+                self.shared.counters.queued.fetch_sub(1, Ordering::AcqRel);
+            }
         }
     }
 
@@ -406,12 +427,15 @@ impl Worker {
         let mut batch = BatchInput::default();
         for it in items {
             let seq = self.sched.get(it.id).expect("scheduled sequences exist");
-            batch.push_sequence(&seq.tokens[it.start..it.start + it.len], it.start, &seq.block_table, block_size, it.samples);
+            batch.push_sequence(
+                &seq.tokens[it.start..it.start + it.len],
+                it.start,
+                &seq.block_table,
+                block_size,
+                it.samples,
+            );
         }
-        let logits = self
-            .model
-            .forward(&batch, &self.cache)
-            .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?));
+        let logits = self.model.forward(&batch, &self.cache).and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?));
         self.shared.counters.steps.fetch_add(1, Ordering::Relaxed);
         let mut logits = match logits {
             Ok(l) => l,
@@ -434,9 +458,10 @@ impl Worker {
             let outcome = on_token(seq, row_logits, &self.tokenizer);
             self.shared.counters.generation_tokens.fetch_add(1, Ordering::Relaxed);
             if let Outcome::Finish(reason, error) = outcome
-                && let Some(seq) = self.sched.remove(it.id) {
-                    self.finished(seq, reason, error);
-                }
+                && let Some(seq) = self.sched.remove(it.id)
+            {
+                self.finished(seq, reason, error);
+            }
         }
     }
 

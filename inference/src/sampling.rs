@@ -56,7 +56,14 @@ impl SamplingParams {
 
     /// Rejects settings outside their documented ranges.
     pub fn validate(&self) -> Result<(), String> {
-        let finite = [self.temperature, self.top_p, self.min_p, self.repetition_penalty, self.presence_penalty, self.frequency_penalty];
+        let finite = [
+            self.temperature,
+            self.top_p,
+            self.min_p,
+            self.repetition_penalty,
+            self.presence_penalty,
+            self.frequency_penalty,
+        ];
         if finite.iter().any(|v| !v.is_finite()) {
             return Err("sampling parameters must be finite numbers".into());
         }
@@ -148,12 +155,14 @@ impl Sampler {
     fn apply_penalties(&self, logits: &mut [f32]) {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
-            let penalise = |l: &mut f32| *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+            let penalise =
+                |l: &mut f32| *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
             for &t in &self.prompt_tokens {
                 if !self.generated.contains_key(&t)
-                    && let Some(l) = logits.get_mut(t as usize) {
-                        penalise(l)
-                    }
+                    && let Some(l) = logits.get_mut(t as usize)
+                {
+                    penalise(l)
+                }
             }
             for &t in self.generated.keys() {
                 if let Some(l) = logits.get_mut(t as usize) {
@@ -304,7 +313,8 @@ mod tests {
             assert_eq!(s.sample(&mut logits()).0, 1);
         }
         // top_k = 2 only ever yields the two best.
-        let mut s = Sampler::new(SamplingParams { top_k: 2, temperature: 5.0, seed: Some(3), ..Default::default() }, &[]);
+        let mut s =
+            Sampler::new(SamplingParams { top_k: 2, temperature: 5.0, seed: Some(3), ..Default::default() }, &[]);
         for _ in 0..200 {
             let t = s.sample(&mut logits()).0;
             assert!(t == 1 || t == 4, "{t}");
@@ -323,12 +333,14 @@ mod tests {
     #[test]
     fn penalties_move_away_from_repeats() {
         // Frequency penalty: after token 1 is chosen twice its logit drops below token 4's.
-        let mut s = Sampler::new(SamplingParams { temperature: 0.0, frequency_penalty: 0.4, ..Default::default() }, &[]);
+        let mut s =
+            Sampler::new(SamplingParams { temperature: 0.0, frequency_penalty: 0.4, ..Default::default() }, &[]);
         assert_eq!(s.sample(&mut logits()).0, 1); // 3.0
         assert_eq!(s.sample(&mut logits()).0, 1); // 3.0 - 0.4 = 2.6 > 2.5
         assert_eq!(s.sample(&mut logits()).0, 4); // 3.0 - 0.8 = 2.2 < 2.5
         // Repetition penalty on prompt tokens: 3.0 / 2 = 1.5 < 2.5.
-        let mut s = Sampler::new(SamplingParams { temperature: 0.0, repetition_penalty: 2.0, ..Default::default() }, &[1]);
+        let mut s =
+            Sampler::new(SamplingParams { temperature: 0.0, repetition_penalty: 2.0, ..Default::default() }, &[1]);
         assert_eq!(s.sample(&mut logits()).0, 4);
         // Presence penalty.
         let mut s = Sampler::new(SamplingParams { temperature: 0.0, presence_penalty: 1.0, ..Default::default() }, &[]);
@@ -338,7 +350,10 @@ mod tests {
 
     #[test]
     fn logprobs_are_normalised_and_from_raw_logits() {
-        let mut s = Sampler::new(SamplingParams { temperature: 0.0, logprobs: Some(5), frequency_penalty: 2.0, ..Default::default() }, &[]);
+        let mut s = Sampler::new(
+            SamplingParams { temperature: 0.0, logprobs: Some(5), frequency_penalty: 2.0, ..Default::default() },
+            &[],
+        );
         let (_, lp) = s.sample(&mut logits());
         let lp = lp.unwrap();
         let total: f32 = lp.top.iter().map(|t| t.logprob.exp()).sum();

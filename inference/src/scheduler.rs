@@ -124,7 +124,8 @@ impl<P> BatchScheduler<P> {
 
     /// Removes every sequence for which `f` is true.
     pub fn remove_where(&mut self, mut f: impl FnMut(&Sequence<P>) -> bool) -> Vec<Sequence<P>> {
-        let ids: Vec<RequestId> = self.running.iter().chain(self.waiting.iter()).filter(|s| f(s)).map(|s| s.id).collect();
+        let ids: Vec<RequestId> =
+            self.running.iter().chain(self.waiting.iter()).filter(|s| f(s)).map(|s| s.id).collect();
         ids.into_iter().filter_map(|id| self.remove(id)).collect()
     }
 

@@ -47,12 +47,7 @@ impl StopMatcher {
 
 /// Length of the longest proper prefix of `stop` that `text` ends with.
 fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
-    stop.char_indices()
-        .rev()
-        .map(|(i, _)| i)
-        .take_while(|&k| k > 0)
-        .find(|&k| text.ends_with(&stop[..k]))
-        .unwrap_or(0)
+    stop.char_indices().rev().map(|(i, _)| i).take_while(|&k| k > 0).find(|&k| text.ends_with(&stop[..k])).unwrap_or(0)
 }
 
 #[cfg(test)]

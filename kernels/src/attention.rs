@@ -1,8 +1,13 @@
 //! Paged attention over a block-structured KV cache.
 //!
-//! Cache layout, per layer and for K and V alike: `[num_blocks, block_size, num_kv_heads,
-//! head_dim]`. A sequence's context lives in the blocks of its block table, in order, so
-//! token `j` of a sequence sits at slot `table[j / block_size] * block_size + j % block_size`.
+//! Cache layout, per layer:
+//! - keys `[num_blocks, num_kv_heads, head_dim, block_size]`: transposed within a block, so
+//!   the scores of a whole block are `head_dim` vector FMAs with no horizontal sums;
+//! - values `[num_blocks, num_kv_heads, block_size, head_dim]`: one contiguous row per
+//!   token, accumulated with vector FMAs.
+//!
+//! A sequence's context lives in the blocks of its block table, in order, so token `j` of a
+//! sequence sits at slot `table[j / block_size] * block_size + j % block_size`.
 //!
 //! A batch is "varlen": the query rows of all sequences are stacked (`[T, num_heads,
 //! head_dim]`), and [`SeqSpan`] says which rows belong to which sequence. Each query row
@@ -15,10 +20,20 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp3, DType, Device, InplaceOp3, Layout, Result, Shape, Tensor, bail,
-};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, InplaceOp3, Layout, Result, Shape, Tensor, bail};
 use half::{bf16, f16};
+
+use crate::math::exp_approx;
+
+/// Shape of one layer's key cache.
+pub fn key_cache_shape(num_blocks: usize, kv_heads: usize, block_size: usize, head_dim: usize) -> Shape {
+    Shape::from((num_blocks, kv_heads, head_dim, block_size))
+}
+
+/// Shape of one layer's value cache.
+pub fn value_cache_shape(num_blocks: usize, kv_heads: usize, block_size: usize, head_dim: usize) -> Shape {
+    Shape::from((num_blocks, kv_heads, block_size, head_dim))
+}
 
 /// One sequence's share of a varlen attention batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,11 +62,7 @@ pub struct PagedAttentionParams {
 impl PagedAttentionParams {
     fn validate(&self, q_rows: usize, num_blocks: usize) -> Result<()> {
         if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
-            bail!(
-                "paged attention: {} heads are not a multiple of {} kv heads",
-                self.num_heads,
-                self.num_kv_heads
-            )
+            bail!("paged attention: {} heads are not a multiple of {} kv heads", self.num_heads, self.num_kv_heads)
         }
         let mut expected_start = 0;
         for (i, s) in self.seqs.iter().enumerate() {
@@ -93,13 +104,15 @@ pub fn paged_attention(
     if heads != params.num_heads || hd != params.head_dim {
         bail!("paged attention: q is {:?}, expected [T, {}, {}]", q.shape(), params.num_heads, params.head_dim)
     }
-    let cache_shape = (k_cache.dim(0)?, params.block_size, params.num_kv_heads, params.head_dim);
-    if k_cache.dims() != [cache_shape.0, cache_shape.1, cache_shape.2, cache_shape.3]
-        || v_cache.shape() != k_cache.shape()
-    {
-        bail!("paged attention: caches {:?}/{:?} do not match {cache_shape:?}", k_cache.shape(), v_cache.shape())
+    let nb = k_cache.dim(0)?;
+    let (kshape, vshape) = (
+        key_cache_shape(nb, params.num_kv_heads, params.block_size, hd),
+        value_cache_shape(nb, params.num_kv_heads, params.block_size, hd),
+    );
+    if k_cache.shape() != &kshape || v_cache.shape() != &vshape {
+        bail!("paged attention: caches {:?}/{:?}, expected {kshape:?}/{vshape:?}", k_cache.shape(), v_cache.shape())
     }
-    params.validate(rows, cache_shape.0)?;
+    params.validate(rows, nb)?;
     let out = match q.device() {
         Device::Cpu => q.apply_op3_no_bwd(k_cache, v_cache, &CpuPagedAttention(params.clone()))?,
         _ => paged_attention_reference(q, k_cache, v_cache, params)?,
@@ -108,22 +121,21 @@ pub fn paged_attention(
 }
 
 /// The same maths as the kernel, written with candle ops: device-generic, used off-CPU
-/// and as the test reference.
+/// and as the test reference. Returns `[T, num_heads, head_dim]`.
 pub fn paged_attention_reference(
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
     p: &PagedAttentionParams,
 ) -> Result<Tensor> {
-    let (nb, bs, nkv, hd) = k_cache.dims4()?;
-    let k_flat = k_cache.reshape((nb * bs, nkv, hd))?;
-    let v_flat = v_cache.reshape((nb * bs, nkv, hd))?;
+    let (nb, nkv, hd, bs) = k_cache.dims4()?;
+    // Both caches to one row per slot: [nb * bs, nkv, hd].
+    let k_flat = k_cache.permute((0, 3, 1, 2))?.contiguous()?.reshape((nb * bs, nkv, hd))?;
+    let v_flat = v_cache.transpose(1, 2)?.contiguous()?.reshape((nb * bs, nkv, hd))?;
     let group = p.num_heads / nkv;
     let mut outs = Vec::with_capacity(p.seqs.len());
     for s in p.seqs.iter() {
-        let slots: Vec<u32> = (0..s.ctx_len)
-            .map(|j| s.block_table[j / bs] * bs as u32 + (j % bs) as u32)
-            .collect();
+        let slots: Vec<u32> = (0..s.ctx_len).map(|j| s.block_table[j / bs] * bs as u32 + (j % bs) as u32).collect();
         let slots = Tensor::new(slots.as_slice(), q.device())?;
         // [ctx, nkv, hd] -> [nkv, ctx, hd] -> repeat for the query heads of each group.
         let expand = |t: &Tensor| -> Result<Tensor> {
@@ -137,13 +149,10 @@ pub fn paged_attention_reference(
         let scores = (qs.matmul(&k.t()?)? * p.scale as f64)?;
         let first_pos = s.ctx_len - s.q_len;
         let mask: Vec<f32> = (0..s.q_len)
-            .flat_map(|i| {
-                (0..s.ctx_len).map(move |j| if j <= first_pos + i { 0.0 } else { f32::NEG_INFINITY })
-            })
+            .flat_map(|i| (0..s.ctx_len).map(move |j| if j <= first_pos + i { 0.0 } else { f32::NEG_INFINITY }))
             .collect();
         let mask = Tensor::from_vec(mask, (1, s.q_len, s.ctx_len), q.device())?;
-        let probs = candle_core::Tensor::broadcast_add(&scores, &mask)?;
-        let probs = softmax_last_dim(&probs)?;
+        let probs = softmax_last_dim(&scores.broadcast_add(&mask)?)?;
         outs.push(probs.matmul(&v)?.transpose(0, 1)?);
     }
     if outs.is_empty() {
@@ -161,7 +170,13 @@ fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 struct CpuPagedAttention(PagedAttentionParams);
 
-/// Query rows handled together by one work item: they share the key/value reads.
+/// Block size with a register-resident fast path (one AVX-512 vector of scores).
+const LANES: usize = 16;
+
+/// Value dimensions accumulated in registers at a time (four AVX-512 vectors).
+const VCHUNK: usize = 64;
+
+/// Query rows handled together by one work item.
 const QUERY_TILE: usize = 16;
 
 impl CustomOp3 for CpuPagedAttention {
@@ -180,9 +195,15 @@ impl CustomOp3 for CpuPagedAttention {
     ) -> Result<(CpuStorage, Shape)> {
         let q = contiguous_slice(q.as_slice::<f32>()?, ql, "q")?;
         match (k, v) {
-            (CpuStorage::F32(k), CpuStorage::F32(v)) => self.run(q, contiguous_slice(k, kl, "k")?, contiguous_slice(v, vl, "v")?),
-            (CpuStorage::F16(k), CpuStorage::F16(v)) => self.run(q, contiguous_slice(k, kl, "k")?, contiguous_slice(v, vl, "v")?),
-            (CpuStorage::BF16(k), CpuStorage::BF16(v)) => self.run(q, contiguous_slice(k, kl, "k")?, contiguous_slice(v, vl, "v")?),
+            (CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                self.run(q, contiguous_slice(k, kl, "k")?, contiguous_slice(v, vl, "v")?)
+            }
+            (CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                self.run(q, contiguous_slice(k, kl, "k")?, contiguous_slice(v, vl, "v")?)
+            }
+            (CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                self.run(q, contiguous_slice(k, kl, "k")?, contiguous_slice(v, vl, "v")?)
+            }
             _ => bail!("paged attention: unsupported cache dtypes {:?}/{:?}", k.dtype(), v.dtype()),
         }
         .map(|out| (CpuStorage::F32(out), ql.shape().clone()))
@@ -198,28 +219,32 @@ fn contiguous_slice<'a, T>(s: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]
 
 /// Cache element types the CPU kernel reads.
 trait CacheElem: Copy + Send + Sync {
-    fn load_row(src: &[Self], dst: &mut [f32]);
+    /// The elements as f32: in place for f32, converted into `buf` otherwise. (No closures
+    /// here: they would not inherit the caller's SIMD target features.)
+    fn as_f32<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32];
 }
 impl CacheElem for f32 {
-    #[inline]
-    fn load_row(src: &[f32], dst: &mut [f32]) {
-        dst.copy_from_slice(src)
+    #[inline(always)]
+    fn as_f32<'a>(src: &'a [f32], _buf: &'a mut Vec<f32>) -> &'a [f32] {
+        src
     }
 }
 impl CacheElem for f16 {
-    #[inline]
-    fn load_row(src: &[f16], dst: &mut [f32]) {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = s.to_f32()
-        }
+    #[inline(always)]
+    fn as_f32<'a>(src: &'a [f16], buf: &'a mut Vec<f32>) -> &'a [f32] {
+        use half::slice::HalfFloatSliceExt;
+        buf.resize(src.len(), 0.0);
+        src.convert_to_f32_slice(buf);
+        buf
     }
 }
 impl CacheElem for bf16 {
-    #[inline]
-    fn load_row(src: &[bf16], dst: &mut [f32]) {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = s.to_f32()
-        }
+    #[inline(always)]
+    fn as_f32<'a>(src: &'a [bf16], buf: &'a mut Vec<f32>) -> &'a [f32] {
+        use half::slice::HalfFloatSliceExt;
+        buf.resize(src.len(), 0.0);
+        src.convert_to_f32_slice(buf);
+        buf
     }
 }
 
@@ -256,21 +281,25 @@ impl CpuPagedAttention {
             let mut scratch = Scratch::default();
             for &(si, kvh, t0) in &items[range] {
                 let s = &p.seqs[si];
-                let rows = t0..(t0 + QUERY_TILE).min(s.q_len);
-                for t in rows {
+                for t in t0..(t0 + QUERY_TILE).min(s.q_len) {
                     let row = s.q_start + t;
-                    let last_key = s.ctx_len - s.q_len + t; // causal: keys 0..=last_key
                     let qh0 = kvh * group;
-                    let q_rows = &q[(row * nh + qh0) * hd..(row * nh + qh0 + group) * hd];
                     // SAFETY: (row, heads qh0..qh0+group) belongs to this item only.
-                    let o = unsafe {
-                        std::slice::from_raw_parts_mut(out_ptr.get().add((row * nh + qh0) * hd), group * hd)
+                    let o =
+                        unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((row * nh + qh0) * hd), group * hd) };
+                    let task = RowTask {
+                        q: &q[(row * nh + qh0) * hd..(row * nh + qh0 + group) * hd],
+                        group,
+                        hd,
+                        // Causal: the row at position ctx_len - q_len + t sees keys up to itself.
+                        n_keys: s.ctx_len - s.q_len + t + 1,
+                        table: &s.block_table,
+                        kvh,
+                        nkv,
+                        bs,
+                        scale: p.scale,
                     };
-                    let key_at = |j: usize| {
-                        let slot = s.block_table[j / bs] as usize * bs + j % bs;
-                        (slot * nkv + kvh) * hd
-                    };
-                    attend_row(q_rows, group, hd, last_key + 1, key_at, k, v, p.scale, o, &mut scratch);
+                    attend_row(&task, k, v, o, &mut scratch);
                 }
             }
         };
@@ -282,57 +311,164 @@ impl CpuPagedAttention {
 #[derive(Default)]
 struct Scratch {
     scores: Vec<f32>,
-    row: Vec<f32>,
+    max: Vec<f32>,
+    sums: Vec<f32>,
+    kbuf: Vec<f32>,
+    vbuf: Vec<f32>,
 }
 
-/// Softmax attention of `group` query heads (sharing one kv head) over `n_keys` keys.
-/// The per-head arithmetic is fixed, so a row's result never depends on its batch.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-fn attend_row<T: CacheElem>(
-    q: &[f32],
+/// One query row's attention: `group` query heads sharing kv head `kvh`, over the first
+/// `n_keys` keys of the sequence whose blocks are `table`.
+struct RowTask<'a> {
+    q: &'a [f32],
     group: usize,
     hd: usize,
     n_keys: usize,
-    key_at: impl Fn(usize) -> usize,
-    k: &[T],
-    v: &[T],
+    table: &'a [u32],
+    kvh: usize,
+    nkv: usize,
+    bs: usize,
     scale: f32,
-    out: &mut [f32],
-    scratch: &mut Scratch,
-) {
-    scratch.scores.clear();
-    scratch.scores.resize(group * n_keys, 0.0);
-    scratch.row.resize(hd, 0.0);
-    let mut max = vec![f32::NEG_INFINITY; group];
-    for j in 0..n_keys {
-        let off = key_at(j);
-        T::load_row(&k[off..off + hd], &mut scratch.row);
+}
+
+impl RowTask<'_> {
+    /// Element offset of block `b` for this kv head (same in both caches) and its keys.
+    #[inline(always)]
+    fn block(&self, b: usize) -> (usize, usize) {
+        let off = (self.table[b] as usize * self.nkv + self.kvh) * self.bs * self.hd;
+        (off, self.bs.min(self.n_keys - b * self.bs))
+    }
+}
+
+/// Softmax attention of one row on the widest SIMD the CPU has. Every path runs the same
+/// scalar operations in the same order (fused multiply-adds, one fixed reduction tree),
+/// so the result is the same on all of them and never depends on the row's batch.
+#[inline]
+fn attend_row<T: CacheElem>(task: &RowTask, k: &[T], v: &[T], out: &mut [f32], scratch: &mut Scratch) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { attend_row_avx512(task, k, v, out, scratch) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { attend_row_avx2(task, k, v, out, scratch) };
+        }
+    }
+    attend_row_impl(task, k, v, out, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn attend_row_avx512<T: CacheElem>(task: &RowTask, k: &[T], v: &[T], out: &mut [f32], scratch: &mut Scratch) {
+    attend_row_impl(task, k, v, out, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_row_avx2<T: CacheElem>(task: &RowTask, k: &[T], v: &[T], out: &mut [f32], scratch: &mut Scratch) {
+    attend_row_impl(task, k, v, out, scratch)
+}
+
+#[inline(always)]
+fn attend_row_impl<T: CacheElem>(task: &RowTask, k: &[T], v: &[T], out: &mut [f32], scratch: &mut Scratch) {
+    let RowTask { q, group, hd, n_keys, bs, scale, .. } = *task;
+    let Scratch { scores, max, sums, kbuf, vbuf } = scratch;
+    scores.clear();
+    scores.resize(group * n_keys, 0.0);
+    max.clear();
+    max.resize(group, f32::NEG_INFINITY);
+    sums.clear();
+    sums.resize(group, 0.0);
+    let n_blocks = n_keys.div_ceil(bs);
+
+    // Scores: per block, keys are [hd, bs], so each dimension adds q[d] × a key column to
+    // all of the block's scores at once.
+    for b in 0..n_blocks {
+        let (base, len) = task.block(b);
+        let kt = T::as_f32(&k[base..base + hd * bs], kbuf);
         for g in 0..group {
-            let s = dot(&q[g * hd..(g + 1) * hd], &scratch.row) * scale;
-            scratch.scores[g * n_keys + j] = s;
-            if s > max[g] {
-                max[g] = s;
+            let qg = &q[g * hd..(g + 1) * hd];
+            let sc = &mut scores[g * n_keys + b * bs..g * n_keys + b * bs + len];
+            if bs == LANES {
+                // The common block size: the 16 scores live in one register across `d`.
+                // Four accumulators (d mod 4) hide the FMA latency; summed in a fixed order.
+                let (mut a0, mut a1, mut a2, mut a3) = ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
+                let col =
+                    |d: usize| -> &[f32; LANES] { kt[d * LANES..(d + 1) * LANES].try_into().expect("16 columns") };
+                let quads = hd / 4;
+                for d4 in 0..quads {
+                    let d = d4 * 4;
+                    let (c0, c1, c2, c3) = (col(d), col(d + 1), col(d + 2), col(d + 3));
+                    for l in 0..LANES {
+                        a0[l] = qg[d].mul_add(c0[l], a0[l]);
+                        a1[l] = qg[d + 1].mul_add(c1[l], a1[l]);
+                        a2[l] = qg[d + 2].mul_add(c2[l], a2[l]);
+                        a3[l] = qg[d + 3].mul_add(c3[l], a3[l]);
+                    }
+                }
+                for (d, &qd) in qg.iter().enumerate().skip(quads * 4) {
+                    let c = col(d);
+                    for l in 0..LANES {
+                        a0[l] = qd.mul_add(c[l], a0[l]);
+                    }
+                }
+                for (l, s) in sc.iter_mut().enumerate() {
+                    *s = (a0[l] + a1[l]) + (a2[l] + a3[l]);
+                }
+            } else {
+                for (d, &qd) in qg.iter().enumerate() {
+                    let col = &kt[d * bs..d * bs + len];
+                    for (s, &kv) in sc.iter_mut().zip(col) {
+                        *s = qd.mul_add(kv, *s);
+                    }
+                }
             }
+            let mut m = max[g];
+            for s in sc.iter_mut() {
+                *s *= scale;
+                m = m.max(*s);
+            }
+            max[g] = m;
         }
     }
-    let mut sums = vec![0f32; group];
     for g in 0..group {
-        let scores = &mut scratch.scores[g * n_keys..(g + 1) * n_keys];
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max[g]).exp();
-            sum += *s;
+        let sc = &mut scores[g * n_keys..(g + 1) * n_keys];
+        let m = max[g];
+        for s in sc.iter_mut() {
+            *s = exp_approx(*s - m);
         }
-        sums[g] = sum;
+        sums[g] = sum16(sc);
     }
+    // Weighted values: each block's sum is built in registers (64 dims at a time), then
+    // added to the output, in a fixed order.
     out.fill(0.0);
-    for j in 0..n_keys {
-        let off = key_at(j);
-        T::load_row(&v[off..off + hd], &mut scratch.row);
+    for b in 0..n_blocks {
+        let (base, len) = task.block(b);
+        let vb = T::as_f32(&v[base..base + len * hd], vbuf);
         for g in 0..group {
-            let w = scratch.scores[g * n_keys + j];
-            axpy(w, &scratch.row, &mut out[g * hd..(g + 1) * hd]);
+            let w = &scores[g * n_keys + b * bs..g * n_keys + b * bs + len];
+            let og = &mut out[g * hd..(g + 1) * hd];
+            let mut c0 = 0;
+            while c0 + VCHUNK <= hd {
+                let mut acc = [0f32; VCHUNK];
+                for (i, &wi) in w.iter().enumerate() {
+                    let row: &[f32; VCHUNK] = vb[i * hd + c0..i * hd + c0 + VCHUNK].try_into().expect("chunk");
+                    for l in 0..VCHUNK {
+                        acc[l] = row[l].mul_add(wi, acc[l]);
+                    }
+                }
+                for (o, a) in og[c0..c0 + VCHUNK].iter_mut().zip(acc) {
+                    *o += a;
+                }
+                c0 += VCHUNK;
+            }
+            for (i, &wi) in w.iter().enumerate() {
+                for (o, &x) in og[c0..].iter_mut().zip(&vb[i * hd + c0..(i + 1) * hd]) {
+                    *o = x.mul_add(wi, *o);
+                }
+            }
         }
     }
     for g in 0..group {
@@ -343,20 +479,16 @@ fn attend_row<T: CacheElem>(
     }
 }
 
-/// Dot product with 16 independent partial sums (vectorises without fast-math).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// Sum with 16 independent partial sums, then a fixed tree (vectorises).
+#[inline(always)]
+fn sum16(xs: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
-    let chunks = a.len() / 16;
-    for c in 0..chunks {
-        let (x, y) = (&a[c * 16..c * 16 + 16], &b[c * 16..c * 16 + 16]);
+    let chunks = xs.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
         for l in 0..16 {
-            acc[l] = x[l].mul_add(y[l], acc[l]);
+            acc[l] += c[l];
         }
-    }
-    let mut tail = 0f32;
-    for i in chunks * 16..a.len() {
-        tail = a[i].mul_add(b[i], tail);
     }
     let mut s8 = [0f32; 8];
     for l in 0..8 {
@@ -366,42 +498,85 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     (s4[0] + s4[2]) + (s4[1] + s4[3]) + tail
 }
 
-#[inline]
-fn axpy(w: f32, x: &[f32], y: &mut [f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y = x.mul_add(w, *y);
+/// Writes a step's new keys and values (`[T, num_kv_heads, head_dim]` each) into the layer's
+/// caches at the given slots (u32 `[T]`).
+pub fn write_kv(k_cache: &Tensor, v_cache: &Tensor, k: &Tensor, v: &Tensor, slots: &Tensor) -> Result<()> {
+    let (nb, nkv, hd, bs) = k_cache.dims4()?;
+    let (t, snkv, shd) = k.dims3()?;
+    if (snkv, shd) != (nkv, hd) || v.shape() != k.shape() || slots.dims1()? != t {
+        bail!(
+            "write_kv: k {:?} / v {:?} / slots {:?} do not fit the cache {:?}",
+            k.shape(),
+            v.shape(),
+            slots.shape(),
+            k_cache.shape()
+        )
     }
-}
-
-/// Writes the new keys or values (`[T, num_kv_heads, head_dim]`) into the cache
-/// (`[num_blocks, block_size, num_kv_heads, head_dim]`) at the given slots (u32 `[T]`).
-pub fn write_cache(cache: &Tensor, src: &Tensor, slots: &Tensor) -> Result<()> {
-    let (nb, bs, nkv, hd) = cache.dims4()?;
-    let (t, snkv, shd) = src.dims3()?;
-    if (snkv, shd) != (nkv, hd) || slots.dims1()? != t {
-        bail!("write_cache: src {:?} / slots {:?} do not fit cache {:?}", src.shape(), slots.shape(), cache.shape())
+    if v_cache.shape() != &value_cache_shape(nb, nkv, bs, hd) {
+        bail!("write_kv: value cache {:?} does not match key cache {:?}", v_cache.shape(), k_cache.shape())
     }
-    if !cache.is_contiguous() {
-        bail!("write_cache: the cache must be contiguous")
+    if !k_cache.is_contiguous() || !v_cache.is_contiguous() {
+        bail!("write_kv: the caches must be contiguous")
     }
     if t == 0 {
         return Ok(());
     }
-    match cache.device() {
-        Device::Cpu => cache.inplace_op3(src, slots, &CpuWriteCache { slots_total: nb * bs }),
-        _ => {
-            // Generic path: a scatter along the slot dimension of the flattened cache.
-            let row = nkv * hd;
-            let flat = cache.reshape((nb * bs, row))?;
-            let idx = slots.to_dtype(DType::U32)?.unsqueeze(1)?.broadcast_as((t, row))?.contiguous()?;
-            let src = src.to_dtype(cache.dtype())?.reshape((t, row))?;
-            flat.scatter_set(&idx, &src, 0)
+    let geometry = CacheGeometry { num_blocks: nb, kv_heads: nkv, block_size: bs, head_dim: hd };
+    match k_cache.device() {
+        Device::Cpu => {
+            k_cache.inplace_op3(k, slots, &CpuWriteCache { geometry, keys: true })?;
+            v_cache.inplace_op3(v, slots, &CpuWriteCache { geometry, keys: false })
         }
+        _ => write_kv_reference(k_cache, v_cache, k, v, slots),
+    }
+}
+
+/// [`write_kv`] with candle ops (an element scatter): device-generic, used off-CPU.
+pub fn write_kv_reference(k_cache: &Tensor, v_cache: &Tensor, k: &Tensor, v: &Tensor, slots: &Tensor) -> Result<()> {
+    let (nb, nkv, hd, bs) = k_cache.dims4()?;
+    let g = CacheGeometry { num_blocks: nb, kv_heads: nkv, block_size: bs, head_dim: hd };
+    let slots: Vec<u32> = slots.to_dtype(DType::U32)?.to_vec1()?;
+    for (cache, src, keys) in [(k_cache, k, true), (v_cache, v, false)] {
+        let mut idx = Vec::with_capacity(slots.len() * nkv * hd);
+        for &s in &slots {
+            for h in 0..nkv {
+                for d in 0..hd {
+                    idx.push(g.offset(s as usize, h, d, keys)? as u32);
+                }
+            }
+        }
+        let n = idx.len();
+        let idx = Tensor::from_vec(idx, n, cache.device())?;
+        let flat = cache.flatten_all()?;
+        flat.scatter_set(&idx, &src.to_dtype(cache.dtype())?.flatten_all()?, 0)?;
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+struct CacheGeometry {
+    num_blocks: usize,
+    kv_heads: usize,
+    block_size: usize,
+    head_dim: usize,
+}
+
+impl CacheGeometry {
+    /// Element offset of (slot, head, dim) in the key (transposed) or value cache.
+    #[inline]
+    fn offset(&self, slot: usize, h: usize, d: usize, keys: bool) -> Result<usize> {
+        let (bs, hd) = (self.block_size, self.head_dim);
+        if slot >= self.num_blocks * bs {
+            bail!("write_kv: slot {slot} out of range ({} slots)", self.num_blocks * bs)
+        }
+        let head_base = ((slot / bs) * self.kv_heads + h) * bs * hd;
+        Ok(if keys { head_base + d * bs + slot % bs } else { head_base + (slot % bs) * hd + d })
     }
 }
 
 struct CpuWriteCache {
-    slots_total: usize,
+    geometry: CacheGeometry,
+    keys: bool,
 }
 
 impl InplaceOp3 for CpuWriteCache {
@@ -420,25 +595,41 @@ impl InplaceOp3 for CpuWriteCache {
     ) -> Result<()> {
         let slots = contiguous_slice(slots.as_slice::<u32>()?, ll, "slots")?;
         let src = contiguous_slice(src.as_slice::<f32>()?, sl, "src")?;
-        let row = src.len() / slots.len().max(1);
-        let (start, _) = cl.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("cache not contiguous".into()))?;
-        fn scatter<T: Copy>(dst: &mut [T], src: &[f32], slots: &[u32], row: usize, total: usize, conv: impl Fn(f32) -> T) -> Result<()> {
+        let (start, _) =
+            cl.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("cache not contiguous".into()))?;
+        fn scatter<E: Copy>(
+            dst: &mut [E],
+            src: &[f32],
+            slots: &[u32],
+            g: CacheGeometry,
+            keys: bool,
+            conv: impl Fn(f32) -> E,
+        ) -> Result<()> {
+            let (nkv, hd) = (g.kv_heads, g.head_dim);
             for (t, &slot) in slots.iter().enumerate() {
-                let slot = slot as usize;
-                if slot >= total {
-                    bail!("write_cache: slot {slot} out of range ({total} slots)")
-                }
-                for (d, s) in dst[slot * row..(slot + 1) * row].iter_mut().zip(&src[t * row..(t + 1) * row]) {
-                    *d = conv(*s)
+                for h in 0..nkv {
+                    let row = &src[(t * nkv + h) * hd..(t * nkv + h + 1) * hd];
+                    if keys {
+                        let base = g.offset(slot as usize, h, 0, true)?;
+                        for (d, &x) in row.iter().enumerate() {
+                            dst[base + d * g.block_size] = conv(x);
+                        }
+                    } else {
+                        let base = g.offset(slot as usize, h, 0, false)?;
+                        for (o, &x) in dst[base..base + hd].iter_mut().zip(row) {
+                            *o = conv(x);
+                        }
+                    }
                 }
             }
             Ok(())
         }
+        let (g, keys) = (self.geometry, self.keys);
         match cache {
-            CpuStorage::F32(c) => scatter(&mut c[start..], src, slots, row, self.slots_total, |x| x),
-            CpuStorage::F16(c) => scatter(&mut c[start..], src, slots, row, self.slots_total, f16::from_f32),
-            CpuStorage::BF16(c) => scatter(&mut c[start..], src, slots, row, self.slots_total, bf16::from_f32),
-            other => bail!("write_cache: unsupported cache dtype {:?}", other.dtype()),
+            CpuStorage::F32(c) => scatter(&mut c[start..], src, slots, g, keys, |x| x),
+            CpuStorage::F16(c) => scatter(&mut c[start..], src, slots, g, keys, f16::from_f32),
+            CpuStorage::BF16(c) => scatter(&mut c[start..], src, slots, g, keys, bf16::from_f32),
+            other => bail!("write_kv: unsupported cache dtype {:?}", other.dtype()),
         }
     }
 }
@@ -454,7 +645,15 @@ mod tests {
         Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
     }
 
-    /// Builds a cache holding `ctx` random tokens for each sequence, with shuffled blocks.
+    fn caches(nb: usize, nkv: usize, bs: usize, hd: usize, dtype: DType) -> (Tensor, Tensor) {
+        (
+            Tensor::zeros(key_cache_shape(nb, nkv, bs, hd), dtype, &Device::Cpu).unwrap(),
+            Tensor::zeros(value_cache_shape(nb, nkv, bs, hd), dtype, &Device::Cpu).unwrap(),
+        )
+    }
+
+    /// Builds caches holding `ctx` random tokens for each sequence, with shuffled blocks.
+    #[allow(clippy::too_many_arguments)]
     fn setup(
         rng: &mut StdRng,
         ctx_lens: &[usize],
@@ -467,8 +666,7 @@ mod tests {
     ) -> (Tensor, Tensor, Tensor, PagedAttentionParams) {
         let blocks_needed: usize = ctx_lens.iter().map(|c| c.div_ceil(bs)).sum();
         let nb = blocks_needed + 3;
-        let k_cache = Tensor::zeros((nb, bs, nkv, hd), dtype, &Device::Cpu).unwrap();
-        let v_cache = Tensor::zeros((nb, bs, nkv, hd), dtype, &Device::Cpu).unwrap();
+        let (k_cache, v_cache) = caches(nb, nkv, bs, hd, dtype);
         let mut free: Vec<u32> = (0..nb as u32).collect();
         // Deterministic shuffle so tables are not in order.
         for i in (1..free.len()).rev() {
@@ -481,8 +679,14 @@ mod tests {
             let table: Vec<u32> = (0..ctx.div_ceil(bs)).map(|_| free.pop().unwrap()).collect();
             let slots: Vec<u32> = (0..ctx).map(|j| table[j / bs] * bs as u32 + (j % bs) as u32).collect();
             let slots = Tensor::new(slots.as_slice(), &Device::Cpu).unwrap();
-            write_cache(&k_cache, &rand_tensor(rng, &[ctx, nkv, hd]), &slots).unwrap();
-            write_cache(&v_cache, &rand_tensor(rng, &[ctx, nkv, hd]), &slots).unwrap();
+            write_kv(
+                &k_cache,
+                &v_cache,
+                &rand_tensor(rng, &[ctx, nkv, hd]),
+                &rand_tensor(rng, &[ctx, nkv, hd]),
+                &slots,
+            )
+            .unwrap();
             seqs.push(SeqSpan { q_start, q_len: ql, ctx_len: ctx, block_table: table });
             q_start += ql;
         }
@@ -506,12 +710,14 @@ mod tests {
     fn kernel_matches_reference_mixed_batch() {
         let mut rng = StdRng::seed_from_u64(7);
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            // decode rows, a prefill chunk on top of context, a fresh prompt longer than a tile
-            let (q, k, v, p) = setup(&mut rng, &[5, 40, 37, 1], &[1, 9, 37, 1], 6, 2, 32, 16, dtype);
-            let got = paged_attention(&q, &k, &v, &p).unwrap();
-            let want = paged_attention_reference(&q, &k, &v, &p).unwrap().reshape(got.shape()).unwrap();
-            let d = max_abs_diff(&got, &want);
-            assert!(d < 1e-5, "{dtype:?}: max abs diff {d}");
+            for bs in [16, 5] {
+                // decode rows, a prefill chunk on top of context, a fresh prompt longer than a tile
+                let (q, k, v, p) = setup(&mut rng, &[5, 40, 37, 1], &[1, 9, 37, 1], 6, 2, 32, bs, dtype);
+                let got = paged_attention(&q, &k, &v, &p).unwrap();
+                let want = paged_attention_reference(&q, &k, &v, &p).unwrap().reshape(got.shape()).unwrap();
+                let d = max_abs_diff(&got, &want);
+                assert!(d < 1e-5, "{dtype:?}, block size {bs}: max abs diff {d}");
+            }
         }
     }
 
@@ -530,6 +736,24 @@ mod tests {
     }
 
     #[test]
+    fn cache_write_kernel_matches_scatter() {
+        let mut rng = StdRng::seed_from_u64(11);
+        for dtype in [DType::F32, DType::F16] {
+            let (ka, va) = caches(5, 2, 4, 8, dtype);
+            let (kb, vb) = caches(5, 2, 4, 8, dtype);
+            let (k, v) = (rand_tensor(&mut rng, &[6, 2, 8]), rand_tensor(&mut rng, &[6, 2, 8]));
+            let slots = Tensor::new(&[0u32, 7, 4, 19, 8, 13], &Device::Cpu).unwrap();
+            write_kv(&ka, &va, &k, &v, &slots).unwrap();
+            write_kv_reference(&kb, &vb, &k, &v, &slots).unwrap();
+            for (a, b) in [(ka.clone(), kb.clone()), (va.clone(), vb.clone())] {
+                let a: Vec<f32> = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let b: Vec<f32> = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(a, b);
+            }
+        }
+    }
+
+    #[test]
     fn bad_tables_are_errors() {
         let mut rng = StdRng::seed_from_u64(1);
         let (q, k, v, mut p) = setup(&mut rng, &[10], &[2], 2, 1, 8, 4, DType::F32);
@@ -539,6 +763,52 @@ mod tests {
         assert!(paged_attention(&q, &k, &v, &p).is_err());
         let slots = Tensor::new(&[999u32], &Device::Cpu).unwrap();
         let src = Tensor::zeros((1, 1, 8), DType::F32, &Device::Cpu).unwrap();
-        assert!(write_cache(&k, &src, &slots).is_err());
+        assert!(write_kv(&k, &v, &src, &src, &slots).is_err());
+    }
+
+    /// Timing aid (not a pass/fail test): `cargo test --release -p ragnode-kernels
+    /// decode_attention_timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn decode_attention_timing() {
+        let (nh, nkv, hd, bs, nseq, ctx) = (9usize, 3usize, 64usize, 16usize, 16usize, 100usize);
+        let per = ctx.div_ceil(bs);
+        let nb = nseq * per + 1;
+        let dtype = if std::env::var("KV_F16").is_ok() { DType::F16 } else { DType::F32 };
+        let k =
+            Tensor::randn(0f32, 1.0, key_cache_shape(nb, nkv, bs, hd), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let v = Tensor::randn(0f32, 1.0, value_cache_shape(nb, nkv, bs, hd), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let seqs: Vec<SeqSpan> = (0..nseq)
+            .map(|i| SeqSpan {
+                q_start: i,
+                q_len: 1,
+                ctx_len: ctx,
+                block_table: (0..per).map(|b| (i * per + b) as u32).collect(),
+            })
+            .collect();
+        let q = Tensor::randn(0f32, 1.0, (nseq, nh, hd), &Device::Cpu).unwrap();
+        let p = PagedAttentionParams {
+            seqs: seqs.into(),
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            block_size: bs,
+            scale: 0.125,
+        };
+        for _ in 0..10 {
+            paged_attention(&q, &k, &v, &p).unwrap();
+        }
+        let n = 300;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            paged_attention(&q, &k, &v, &p).unwrap();
+        }
+        eprintln!(
+            "decode attention, {dtype:?} cache, {nseq} seqs x {ctx} keys: {:.1} us/call",
+            t.elapsed().as_secs_f64() * 1e6 / n as f64
+        );
     }
 }

@@ -37,8 +37,7 @@ impl BatchInput {
             let pos = ctx_before + i;
             self.tokens.push(t);
             self.positions.push(pos as u32);
-            self.slots
-                .push(block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32);
+            self.slots.push(block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32);
         }
         self.seqs.push(SeqSpan {
             q_start,

@@ -20,22 +20,11 @@ pub enum ModelError {
     #[error("weight `{0}` is missing from the checkpoint")]
     MissingWeight(String),
     #[error("weight `{name}` has shape {actual:?}, expected {expected:?}")]
-    WeightShape {
-        name: String,
-        expected: Vec<usize>,
-        actual: Vec<usize>,
-    },
+    WeightShape { name: String, expected: Vec<usize>, actual: Vec<usize> },
     #[error("model `{spec}` not found: {reason}")]
     NotFound { spec: String, reason: String },
-    #[error(
-        "could not fetch `{file}` from the Hugging Face Hub repo `{repo}`: {reason}. \
-         If this machine is offline, pass a local path instead (or set HF_HUB_OFFLINE=1 to use only the local hub cache)"
-    )]
-    Hub {
-        repo: String,
-        file: String,
-        reason: String,
-    },
+    #[error("could not fetch `{file}` from the Hugging Face Hub repo `{repo}`: {reason}")]
+    Hub { repo: String, file: String, reason: String },
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
     #[error(transparent)]

@@ -2,6 +2,7 @@
 //! business (its block pool); this is only the storage, sized once at start-up.
 
 use candle_core::{DType, Device, Tensor};
+use ragnode_kernels::attention::{key_cache_shape, value_cache_shape};
 
 use crate::error::Result;
 
@@ -20,7 +21,9 @@ impl KvCacheLayout {
     }
 }
 
-/// Per-layer K and V tensors of shape `[num_blocks, block_size, num_kv_heads, head_dim]`.
+/// Per-layer K and V tensors in the layouts of `ragnode_kernels::attention` (keys
+/// `[num_blocks, num_kv_heads, head_dim, block_size]`, values `[num_blocks, num_kv_heads,
+/// block_size, head_dim]`).
 pub struct PagedKvCache {
     layers: Vec<(Tensor, Tensor)>,
     layout: KvCacheLayout,
@@ -37,9 +40,11 @@ impl PagedKvCache {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let shape = (num_blocks, block_size, layout.num_kv_heads, layout.head_dim);
+        let (nkv, hd) = (layout.num_kv_heads, layout.head_dim);
+        let kshape = key_cache_shape(num_blocks, nkv, block_size, hd);
+        let vshape = value_cache_shape(num_blocks, nkv, block_size, hd);
         let layers = (0..layout.num_layers)
-            .map(|_| Ok((Tensor::zeros(shape, dtype, device)?, Tensor::zeros(shape, dtype, device)?)))
+            .map(|_| Ok((Tensor::zeros(&kshape, dtype, device)?, Tensor::zeros(&vshape, dtype, device)?)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { layers, layout, num_blocks, block_size, dtype })
     }

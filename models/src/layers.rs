@@ -131,7 +131,7 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+        Ok(ragnode_kernels::rowwise::rms_norm(x, &self.weight, self.eps)?)
     }
 }
 
@@ -175,7 +175,9 @@ impl TokenEmbedding {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor`.
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
     /// Llama 3.1's frequency-dependent scaling.
     Llama3 {
         factor: f32,
@@ -197,10 +199,8 @@ pub struct RotaryEmbedding {
 
 impl RotaryEmbedding {
     pub fn new(head_dim: usize, theta: f32, scaling: &RopeScaling) -> Result<Self> {
-        let mut inv_freq: Vec<f32> = (0..head_dim)
-            .step_by(2)
-            .map(|i| 1f32 / theta.powf(i as f32 / head_dim as f32))
-            .collect();
+        let mut inv_freq: Vec<f32> =
+            (0..head_dim).step_by(2).map(|i| 1f32 / theta.powf(i as f32 / head_dim as f32)).collect();
         match scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
@@ -249,12 +249,6 @@ impl RotaryEmbedding {
         let shape = (positions.len(), half);
         Ok((Tensor::from_vec(cos, shape, device)?, Tensor::from_vec(sin, shape, device)?))
     }
-
-    /// Rotates `x: [T, heads, head_dim]` (contiguous) by its rows' positions.
-    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let x = x.unsqueeze(0)?;
-        Ok(candle_nn::rotary_emb::rope_thd(&x, cos, sin)?.squeeze(0)?)
-    }
 }
 
 #[cfg(test)]
@@ -265,8 +259,14 @@ mod tests {
     fn rope_rotates_pairs_half_split() {
         let rope = RotaryEmbedding::new(4, 10000.0, &RopeScaling::None).unwrap();
         let (cos, sin) = rope.tables(&[0, 1], &Device::Cpu).unwrap();
-        let x = Tensor::new(&[[[1f32, 2., 3., 4.]], [[1., 2., 3., 4.]]], &Device::Cpu).unwrap();
-        let y = rope.apply(&x, &cos, &sin).unwrap().to_vec3::<f32>().unwrap();
+        // One q head, one k head, one v head of 4 dims per row.
+        let qkv = Tensor::new(
+            &[[1f32, 2., 3., 4., 0., 0., 0., 0., 0., 0., 0., 0.], [1., 2., 3., 4., 0., 0., 0., 0., 0., 0., 0., 0.]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let (q, _, _) = ragnode_kernels::rowwise::rope_split_qkv(&qkv, &cos, &sin, 1, 1, 4).unwrap();
+        let y = q.to_vec3::<f32>().unwrap();
         assert_eq!(y[0][0], vec![1., 2., 3., 4.]); // position 0: identity
         // position 1, first pair (dims 0 and 2) rotates by angle 1 rad.
         let (c, s) = (1f32.cos(), 1f32.sin());

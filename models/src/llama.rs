@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
-use ragnode_kernels::attention::{PagedAttentionParams, paged_attention, write_cache};
+use ragnode_kernels::activation::swiglu;
+use ragnode_kernels::attention::{PagedAttentionParams, paged_attention, write_kv};
+use ragnode_kernels::rowwise::{add, rope_split_qkv};
 use serde::Deserialize;
 
 use crate::batch::BatchInput;
@@ -143,7 +145,9 @@ impl Config {
     pub fn from_gguf(content: &gguf_file::Content, family: Family, arch: &str) -> Result<Self, String> {
         let md = |k: &str| content.metadata.get(&format!("{arch}.{k}"));
         let int = |k: &str| -> Result<usize, String> {
-            md(k).ok_or_else(|| format!("metadata `{arch}.{k}` is missing")).and_then(|v| gguf_usize(v).ok_or_else(|| format!("metadata `{arch}.{k}` is not an integer")))
+            md(k)
+                .ok_or_else(|| format!("metadata `{arch}.{k}` is missing"))
+                .and_then(|v| gguf_usize(v).ok_or_else(|| format!("metadata `{arch}.{k}` is not an integer")))
         };
         let heads = int("attention.head_count")?;
         let kv = md("attention.head_count_kv").and_then(gguf_usize).unwrap_or(heads);
@@ -153,9 +157,10 @@ impl Config {
         }
         let head_dim = md("attention.key_length").and_then(gguf_usize).unwrap_or(hidden / heads);
         if let Some(rope_dim) = md("rope.dimension_count").and_then(gguf_usize)
-            && rope_dim != head_dim {
-                return Err(format!("partial rotary embeddings ({rope_dim} of {head_dim} dims) are not supported"));
-            }
+            && rope_dim != head_dim
+        {
+            return Err(format!("partial rotary embeddings ({rope_dim} of {head_dim} dims) are not supported"));
+        }
         let vocab = match md("vocab_size").and_then(gguf_usize) {
             Some(v) => v,
             None => content
@@ -164,10 +169,14 @@ impl Config {
                 .map(|t| t.shape.dims()[0])
                 .ok_or("token_embd.weight is missing")?,
         };
-        let eps = md("attention.layer_norm_rms_epsilon").and_then(|v| v.to_f32().ok()).ok_or(format!("metadata `{arch}.attention.layer_norm_rms_epsilon` is missing"))?;
+        let eps = md("attention.layer_norm_rms_epsilon")
+            .and_then(|v| v.to_f32().ok())
+            .ok_or(format!("metadata `{arch}.attention.layer_norm_rms_epsilon` is missing"))?;
         let rope_scaling = match md("rope.scaling.type").and_then(|v| v.to_string().ok()).map(String::as_str) {
             Some("linear") => RopeScaling::Linear {
-                factor: md("rope.scaling.factor").and_then(|v| v.to_f32().ok()).ok_or("rope.scaling.factor is missing")?,
+                factor: md("rope.scaling.factor")
+                    .and_then(|v| v.to_f32().ok())
+                    .ok_or("rope.scaling.factor is missing")?,
             },
             Some("none") | None => RopeScaling::None,
             Some(other) => {
@@ -249,12 +258,11 @@ struct DecoderLayer {
 }
 
 /// Per-step data shared by all layers.
-struct StepContext<'a> {
+struct StepContext {
     cos: Tensor,
     sin: Tensor,
     slots: Tensor,
     attn: PagedAttentionParams,
-    rope: &'a RotaryEmbedding,
 }
 
 impl DecoderLayer {
@@ -287,29 +295,22 @@ impl DecoderLayer {
     }
 
     fn forward(&self, x: &Tensor, cfg: &Config, ctx: &StepContext, kv: (&Tensor, &Tensor)) -> Result<Tensor> {
-        let t = x.dim(0)?;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let h = self.input_norm.forward(x)?;
-        let (q, k, v) = match &self.qkv {
-            Qkv::Fused(l) => {
-                let qkv = l.forward(&h)?;
-                (qkv.narrow(1, 0, nh * hd)?, qkv.narrow(1, nh * hd, nkv * hd)?, qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?)
-            }
-            Qkv::Split(q, k, v) => (q.forward(&h)?, k.forward(&h)?, v.forward(&h)?),
+        let qkv = match &self.qkv {
+            Qkv::Fused(l) => l.forward(&h)?,
+            Qkv::Split(q, k, v) => Tensor::cat(&[q.forward(&h)?, k.forward(&h)?, v.forward(&h)?], 1)?,
         };
-        let q = ctx.rope.apply(&q.contiguous()?.reshape((t, nh, hd))?, &ctx.cos, &ctx.sin)?;
-        let k = ctx.rope.apply(&k.contiguous()?.reshape((t, nkv, hd))?, &ctx.cos, &ctx.sin)?;
-        let v = v.contiguous()?.reshape((t, nkv, hd))?;
-        write_cache(kv.0, &k, &ctx.slots)?;
-        write_cache(kv.1, &v, &ctx.slots)?;
+        let (q, k, v) = rope_split_qkv(&qkv, &ctx.cos, &ctx.sin, nh, nkv, hd)?;
+        write_kv(kv.0, kv.1, &k, &v, &ctx.slots)?;
         let attn = paged_attention(&q, kv.0, kv.1, &ctx.attn)?;
-        let x = (x + self.o_proj.forward(&attn)?)?;
+        let x = add(x, &self.o_proj.forward(&attn)?)?;
         let h = self.post_norm.forward(&x)?;
         let act = match &self.gate_up {
-            GateUp::Fused(l) => candle_nn::ops::swiglu(&l.forward(&h)?)?,
-            GateUp::Split(g, u) => (candle_nn::ops::silu(&g.forward(&h)?)? * u.forward(&h)?)?,
+            GateUp::Fused(l) => swiglu(&l.forward(&h)?)?,
+            GateUp::Split(g, u) => swiglu(&Tensor::cat(&[g.forward(&h)?, u.forward(&h)?], 1)?)?,
         };
-        Ok((x + self.down.forward(&act)?)?)
+        Ok(add(&x, &self.down.forward(&act)?)?)
     }
 }
 
@@ -357,10 +358,19 @@ impl crate::CausalLm for Model {
             return Ok(Tensor::zeros((0, cfg.vocab_size), DType::F32, &self.device)?);
         }
         if cache.layout() != cfg.kv_layout() {
-            return Err(candle_core::Error::Msg(format!("kv cache layout {:?} does not fit the model {:?}", cache.layout(), cfg.kv_layout())).into());
+            return Err(candle_core::Error::Msg(format!(
+                "kv cache layout {:?} does not fit the model {:?}",
+                cache.layout(),
+                cfg.kv_layout()
+            ))
+            .into());
         }
         if let Some(&bad) = batch.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            return Err(candle_core::Error::Msg(format!("token id {bad} is outside the vocabulary ({})", cfg.vocab_size)).into());
+            return Err(candle_core::Error::Msg(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                cfg.vocab_size
+            ))
+            .into());
         }
         let (cos, sin) = self.rope.tables(&batch.positions, &self.device)?;
         let ctx = StepContext {
@@ -375,7 +385,6 @@ impl crate::CausalLm for Model {
                 block_size: cache.block_size(),
                 scale: 1.0 / (cfg.head_dim as f32).sqrt(),
             },
-            rope: &self.rope,
         };
         let mut x = self.embed.forward(&batch.tokens, &self.device)?;
         for (i, layer) in self.layers.iter().enumerate() {

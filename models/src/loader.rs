@@ -71,7 +71,9 @@ fn display_name(spec: &str, path: &Path) -> String {
     if Path::new(spec).exists() {
         match path.extension().and_then(|e| e.to_str()) {
             Some("gguf") => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
-            _ => path.parent().and_then(|d| d.file_name()).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+            _ => {
+                path.parent().and_then(|d| d.file_name()).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+            }
         }
     } else {
         spec.to_string()
@@ -88,13 +90,10 @@ fn family_from_arch(arch: &str) -> Result<Family> {
 
 fn load_gguf(path: &Path, opts: &LoadOptions, name: String) -> Result<LoadedModel> {
     let g = GgufWeights::open(path, &opts.device)?;
-    let arch = g
-        .content
-        .metadata
-        .get("general.architecture")
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-        .ok_or_else(|| ModelError::Gguf { path: path.into(), message: "metadata `general.architecture` is missing".into() })?;
+    let arch =
+        g.content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().ok_or_else(|| {
+            ModelError::Gguf { path: path.into(), message: "metadata `general.architecture` is missing".into() }
+        })?;
     let family = family_from_arch(&arch)?;
     let cfg = llama::Config::from_gguf(&g.content, family, &arch)
         .map_err(|message| ModelError::Config { path: path.into(), message })?;
@@ -106,7 +105,8 @@ fn load_gguf(path: &Path, opts: &LoadOptions, name: String) -> Result<LoadedMode
 
 fn load_hf(files: &HfFiles, opts: &LoadOptions, name: String) -> Result<LoadedModel> {
     let cfg_err = |message: String| ModelError::Config { path: files.config.clone(), message };
-    let json = std::fs::read_to_string(&files.config).map_err(|source| ModelError::Io { path: files.config.clone(), source })?;
+    let json = std::fs::read_to_string(&files.config)
+        .map_err(|source| ModelError::Io { path: files.config.clone(), source })?;
     let value: serde_json::Value = serde_json::from_str(&json).map_err(|e| cfg_err(e.to_string()))?;
     let arch = value["architectures"][0]
         .as_str()
@@ -118,7 +118,11 @@ fn load_hf(files: &HfFiles, opts: &LoadOptions, name: String) -> Result<LoadedMo
     }
     .map_err(cfg_err)?;
     let dtype = opts.dtype.unwrap_or(if opts.device.is_cpu() { DType::F32 } else { DType::BF16 });
-    let tokenizer = ModelTokenizer::from_hf_files(&files.tokenizer, files.tokenizer_config.as_deref(), files.generation_config.as_deref())?;
+    let tokenizer = ModelTokenizer::from_hf_files(
+        &files.tokenizer,
+        files.tokenizer_config.as_deref(),
+        files.generation_config.as_deref(),
+    )?;
     let mut source = WeightSource::Safetensors(SafetensorsWeights::open(&files.weights, dtype, &opts.device)?);
     let model = llama::Model::load(cfg, &mut source)?;
     Ok(LoadedModel { model: Arc::new(model), tokenizer: Arc::new(tokenizer), name })
@@ -150,7 +154,10 @@ fn resolve_dir(spec: &str, dir: &Path) -> Result<Resolved> {
         let weights = local_safetensors(dir)?;
         let tokenizer = dir.join("tokenizer.json");
         if !tokenizer.is_file() {
-            return Err(ModelError::NotFound { spec: spec.into(), reason: format!("{} is missing", tokenizer.display()) });
+            return Err(ModelError::NotFound {
+                spec: spec.into(),
+                reason: format!("{} is missing", tokenizer.display()),
+            });
         }
         let opt = |n: &str| Some(dir.join(n)).filter(|p| p.is_file());
         return Ok(Resolved::HfDir(HfFiles {
@@ -169,8 +176,14 @@ fn resolve_dir(spec: &str, dir: &Path) -> Result<Resolved> {
         .collect();
     match ggufs.as_slice() {
         [one] => Ok(Resolved::Gguf(one.clone())),
-        [] => Err(ModelError::NotFound { spec: spec.into(), reason: "the directory has neither config.json nor a .gguf file".into() }),
-        _ => Err(ModelError::NotFound { spec: spec.into(), reason: "the directory holds several .gguf files; name one".into() }),
+        [] => Err(ModelError::NotFound {
+            spec: spec.into(),
+            reason: "the directory has neither config.json nor a .gguf file".into(),
+        }),
+        _ => Err(ModelError::NotFound {
+            spec: spec.into(),
+            reason: "the directory holds several .gguf files; name one".into(),
+        }),
     }
 }
 
@@ -184,7 +197,10 @@ fn local_safetensors(dir: &Path) -> Result<Vec<PathBuf>> {
     if single.is_file() {
         return Ok(vec![single]);
     }
-    Err(ModelError::NotFound { spec: dir.display().to_string(), reason: "no model.safetensors or model.safetensors.index.json".into() })
+    Err(ModelError::NotFound {
+        spec: dir.display().to_string(),
+        reason: "no model.safetensors or model.safetensors.index.json".into(),
+    })
 }
 
 fn shards_from_index(index: &Path) -> Result<Vec<String>> {
@@ -204,7 +220,9 @@ fn looks_like_repo_id(spec: &str) -> bool {
     let repo = spec.split([':', '@']).next().unwrap_or("");
     let mut parts = repo.split('/');
     let ok = |s: Option<&str>| {
-        s.is_some_and(|s| !s.is_empty() && !s.starts_with('.') && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+        s.is_some_and(|s| {
+            !s.is_empty() && !s.starts_with('.') && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
     };
     ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
 }
@@ -234,13 +252,17 @@ fn resolve_hub(spec: &str) -> Result<Resolved> {
     let config = match hub.get("config.json") {
         Ok(c) => c,
         Err(e) => {
-            let ggufs: Vec<String> = hub.list().unwrap_or_default().into_iter().filter(|f| f.ends_with(".gguf")).collect();
+            let ggufs: Vec<String> =
+                hub.list().unwrap_or_default().into_iter().filter(|f| f.ends_with(".gguf")).collect();
             if ggufs.is_empty() {
                 return Err(e);
             }
             return Err(ModelError::NotFound {
                 spec: spec.into(),
-                reason: format!("the repo holds GGUF files; pick one as `{repo_id}:FILE`, e.g. `{repo_id}:{}`", ggufs[0]),
+                reason: format!(
+                    "the repo holds GGUF files; pick one as `{repo_id}:FILE`, e.g. `{repo_id}:{}`",
+                    ggufs[0]
+                ),
             });
         }
     };
@@ -271,11 +293,10 @@ impl Hub {
         let api = if offline {
             None
         } else {
-            let api = hf_hub::api::sync::ApiBuilder::from_env().with_progress(true).build().map_err(|e| ModelError::Hub {
-                repo: repo_id.into(),
-                file: String::new(),
-                reason: e.to_string(),
-            })?;
+            let api = hf_hub::api::sync::ApiBuilder::from_env()
+                .with_progress(true)
+                .build()
+                .map_err(|e| ModelError::Hub { repo: repo_id.into(), file: String::new(), reason: e.to_string() })?;
             Some(api.repo(repo))
         };
         Ok(Self { repo_id: repo_id.into(), cache, api })
@@ -287,8 +308,15 @@ impl Hub {
         }
         let err = |reason: String| ModelError::Hub { repo: self.repo_id.clone(), file: file.into(), reason };
         match &self.api {
-            None => Err(err("not in the local hub cache and HF_HUB_OFFLINE is set".into())),
-            Some(api) => api.get(file).map_err(|e| err(e.to_string())),
+            None => {
+                Err(err("it is not in the local hub cache and HF_HUB_OFFLINE is set; pass a local path instead".into()))
+            }
+            Some(api) => api.get(file).map_err(|e| {
+                err(format!(
+                    "{e}. If this machine is offline, pass a local path instead, or set HF_HUB_OFFLINE=1 to use only \
+                     the local hub cache"
+                ))
+            }),
         }
     }
 
@@ -298,7 +326,11 @@ impl Hub {
             file: String::new(),
             reason: "offline".into(),
         })?;
-        let info = api.info().map_err(|e| ModelError::Hub { repo: self.repo_id.clone(), file: String::new(), reason: e.to_string() })?;
+        let info = api.info().map_err(|e| ModelError::Hub {
+            repo: self.repo_id.clone(),
+            file: String::new(),
+            reason: e.to_string(),
+        })?;
         Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
     }
 }

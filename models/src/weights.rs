@@ -62,12 +62,15 @@ impl WeightSource {
                 let gname = gguf_name(name, "weight");
                 let raw = g.raw(&gname, &[vocab, dim])?;
                 if use_ragnode_kernels(&g.device)
-                    && let Some(m) = QuantMatrix::from_ggml(raw.dtype, &raw.bytes, vocab, dim)? {
-                        return Ok(TokenEmbedding::Quant(Arc::new(m)));
-                    }
+                    && let Some(m) = QuantMatrix::from_ggml(raw.dtype, &raw.bytes, vocab, dim)?
+                {
+                    return Ok(TokenEmbedding::Quant(Arc::new(m)));
+                }
                 let t = ggml_file::qtensor_from_ggml(raw.dtype, &raw.bytes, vec![vocab, dim], &g.device)?;
                 match raw.dtype {
-                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Ok(TokenEmbedding::Dense(t.dequantize(&g.device)?)),
+                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                        Ok(TokenEmbedding::Dense(t.dequantize(&g.device)?))
+                    }
                     _ => Ok(TokenEmbedding::CandleQuant(Arc::new(t))),
                 }
             }
@@ -179,7 +182,10 @@ impl GgufWeights {
         self.reader.seek(SeekFrom::Start(start)).map_err(io)?;
         self.reader.read_exact(&mut bytes).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                ModelError::Gguf { path: path.clone(), message: format!("tensor {name} runs past the end of the file (truncated download?)") }
+                ModelError::Gguf {
+                    path: path.clone(),
+                    message: format!("tensor {name} runs past the end of the file (truncated download?)"),
+                }
             } else {
                 io(e)
             }
@@ -228,9 +234,10 @@ impl GgufWeights {
             }
             dtype => {
                 if use_ragnode_kernels(&self.device)
-                    && let Some(m) = QuantMatrix::from_ggml(dtype, &raw.bytes, out_dim, in_dim)? {
-                        return Ok(Linear::quant(Arc::new(m), b));
-                    }
+                    && let Some(m) = QuantMatrix::from_ggml(dtype, &raw.bytes, out_dim, in_dim)?
+                {
+                    return Ok(Linear::quant(Arc::new(m), b));
+                }
                 let q = ggml_file::qtensor_from_ggml(dtype, &raw.bytes, vec![out_dim, in_dim], &self.device)?;
                 Linear::candle_quant(q, b)
             }
@@ -255,7 +262,8 @@ fn unpermute_rows(bytes: &[u8], row_bytes: usize, rows: usize, heads: usize) -> 
             for i in 0..hd / 2 {
                 let dst = h * hd + half * hd / 2 + i;
                 let src = h * hd + 2 * i + half;
-                out[dst * row_bytes..(dst + 1) * row_bytes].copy_from_slice(&bytes[src * row_bytes..(src + 1) * row_bytes]);
+                out[dst * row_bytes..(dst + 1) * row_bytes]
+                    .copy_from_slice(&bytes[src * row_bytes..(src + 1) * row_bytes]);
             }
         }
     }

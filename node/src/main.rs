@@ -93,7 +93,8 @@ fn main() {
 
 fn generate(args: GenerateArgs) -> Result<()> {
     let started = Instant::now();
-    let loaded = load_model(&args.model, &LoadOptions::default()).with_context(|| format!("loading model `{}`", args.model))?;
+    let loaded =
+        load_model(&args.model, &LoadOptions::default()).with_context(|| format!("loading model `{}`", args.model))?;
     let tok = loaded.tokenizer.clone();
     let prompt_ids = if args.chat {
         let mut messages = Vec::new();

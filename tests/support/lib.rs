@@ -16,11 +16,7 @@ pub fn cache_dir() -> PathBuf {
 }
 
 fn require(path: PathBuf) -> PathBuf {
-    assert!(
-        path.exists(),
-        "test data {} is missing: run scripts/fetch-test-data.sh",
-        path.display()
-    );
+    assert!(path.exists(), "test data {} is missing: run scripts/fetch-test-data.sh", path.display());
     path
 }
 
@@ -73,7 +69,8 @@ pub fn run_sequence(
     for step in 0..=steps {
         let mut batch = BatchInput::default();
         batch.push_sequence(&tokens[computed..], computed, &table, block_size, true);
-        let logits: Vec<f32> = model.forward(&batch, &cache).expect("forward").flatten_all().unwrap().to_vec1().unwrap();
+        let logits: Vec<f32> =
+            model.forward(&batch, &cache).expect("forward").flatten_all().unwrap().to_vec1().unwrap();
         computed = tokens.len();
         if step < steps {
             tokens.push(next(step, &logits));

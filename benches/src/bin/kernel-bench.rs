@@ -116,15 +116,42 @@ const SHAPES: &[Shape] = &[
 
 /// A 1536 × 1536 matrix of random weights.
 const fn random(name: &'static str, dtype: GgmlDType) -> Shape {
-    Shape {
-        name,
-        tensors: &[],
-        n: 1536,
-        k: 1536,
-        dtype,
-        per_token: 0,
-        fused: false,
-    }
+    Shape { name, tensors: &[], n: 1536, k: 1536, dtype, per_token: 0, fused: false }
+}
+
+/// Quantized matmul kernels vs candle's QMatMul on the SmolLM2-135M shapes.
+#[derive(clap::Parser)]
+struct Cli {
+    /// Fewer, shorter rounds.
+    #[arg(long)]
+    quick: bool,
+    /// Batch sizes (rows) to time.
+    #[arg(long = "m", value_delimiter = ',', default_values_t = [1usize, 4, 16, 64, 512])]
+    ms: Vec<usize>,
+    /// Only these shapes (by name prefix).
+    #[arg(long, value_delimiter = ',')]
+    shapes: Option<Vec<String>>,
+    /// GGUF file to take real weights from (random weights when missing).
+    #[arg(long)]
+    model: Option<String>,
+    /// Rounds per measurement.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Register blocking ROWS,TILES,TILES_M1 (never changes results).
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    tune: Option<Vec<usize>>,
+    /// Blockings to compare in the model-sequence run: 'R,T,T1,PARTS;R,T,T1,PARTS;...'.
+    #[arg(long)]
+    variants: Option<String>,
+    /// Skip candle's QMatMul.
+    #[arg(long)]
+    no_candle: bool,
+    /// One copy of each matrix (cache-resident): shows the fixed per-call costs.
+    #[arg(long)]
+    hot: bool,
+    /// Only the model-sequence run.
+    #[arg(long)]
+    seq_only: bool,
 }
 
 struct Args {
@@ -135,103 +162,50 @@ struct Args {
     model: String,
     tune: Option<(usize, usize, usize)>,
     candle: bool,
-    /// One copy of each matrix (cache-resident): shows the fixed per-call costs.
     hot: bool,
-    /// Register blockings to compare in the model-sequence run, alternating round by round.
     variants: Vec<(usize, usize, usize, usize)>,
-    /// Only the model-sequence run.
     seq_only: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
+    let cli = <Cli as clap::Parser>::parse();
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    let mut a = Args {
-        ms: vec![1, 4, 16, 64, 512],
-        rounds: 5,
-        round_time: Duration::from_millis(150),
-        shapes: None,
-        model: format!("{home}/.cache/ragnode/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-        tune: None,
-        candle: true,
-        hot: false,
-        variants: Vec::new(),
-        seq_only: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut val = || {
-            it.next()
-                .ok_or_else(|| anyhow::anyhow!("{arg} needs a value"))
-        };
-        match arg.as_str() {
-            "--quick" => {
-                a.rounds = 3;
-                a.round_time = Duration::from_millis(60);
-            }
-            "--m" => {
-                a.ms = val()?
-                    .split(',')
-                    .map(|s| s.parse())
-                    .collect::<Result<_, _>>()?
-            }
-            "--shapes" => a.shapes = Some(val()?.split(',').map(String::from).collect()),
-            "--model" => a.model = val()?,
-            "--rounds" => a.rounds = val()?.parse()?,
-            "--tune" => {
-                let v: Vec<usize> = val()?
-                    .split(',')
-                    .map(|s| s.parse())
-                    .collect::<Result<_, _>>()?;
-                anyhow::ensure!(v.len() == 3, "--tune ROWS,TILES,TILES_M1");
-                a.tune = Some((v[0], v[1], v[2]));
-            }
-            "--no-candle" => a.candle = false,
-            "--hot" => a.hot = true,
-            "--seq-only" => a.seq_only = true,
-            "--variants" => {
-                for v in val()?.split(';') {
-                    let v: Vec<usize> =
-                        v.split(',').map(|s| s.parse()).collect::<Result<_, _>>()?;
-                    anyhow::ensure!(v.len() == 4, "--variants R,T,T1,P;R,T,T1,P;...");
-                    a.variants.push((v[0], v[1], v[2], v[3]));
-                }
-            }
-            other => anyhow::bail!("unknown argument {other}"),
-        }
+    let mut variants = Vec::new();
+    for v in cli.variants.as_deref().unwrap_or("").split(';').filter(|v| !v.is_empty()) {
+        let v: Vec<usize> = v.split(',').map(|s| s.parse()).collect::<Result<_, _>>()?;
+        anyhow::ensure!(v.len() == 4, "--variants R,T,T1,P;R,T,T1,P;...");
+        variants.push((v[0], v[1], v[2], v[3]));
     }
-    Ok(a)
+    Ok(Args {
+        ms: cli.ms,
+        rounds: if cli.quick { 3 } else { cli.rounds },
+        round_time: Duration::from_millis(if cli.quick { 60 } else { 150 }),
+        shapes: cli.shapes,
+        model: cli.model.unwrap_or_else(|| format!("{home}/.cache/ragnode/models/SmolLM2-135M-Instruct.Q4_1.gguf")),
+        tune: cli.tune.map(|v| (v[0], v[1], v[2])),
+        candle: !cli.no_candle,
+        hot: cli.hot,
+        variants,
+        seq_only: cli.seq_only,
+    })
 }
 
 /// GGML bytes of a shape: the real layer-0 tensors stacked, or random blocks.
-fn shape_bytes(
-    shape: &Shape,
-    model: Option<&(gguf_file::Content, std::fs::File)>,
-) -> anyhow::Result<Vec<u8>> {
+fn shape_bytes(shape: &Shape, model: Option<&(gguf_file::Content, std::fs::File)>) -> anyhow::Result<Vec<u8>> {
     if let Some((content, file)) = model.filter(|_| !shape.tensors.is_empty()) {
         let mut file = file.try_clone()?;
         let mut out = Vec::new();
         for t in shape.tensors {
-            let name = if *t == "token_embd" {
-                "token_embd.weight".to_string()
-            } else {
-                format!("blk.0.{t}.weight")
-            };
+            let name = if *t == "token_embd" { "token_embd.weight".to_string() } else { format!("blk.0.{t}.weight") };
             let q = content.tensor(&mut file, &name, &Device::Cpu)?;
             anyhow::ensure!(q.dtype() == shape.dtype, "{name} is {:?}", q.dtype());
             out.extend_from_slice(&q.data()?);
         }
         let expect = shape.n * shape.k / shape.dtype.block_size() * shape.dtype.type_size();
-        anyhow::ensure!(
-            out.len() == expect,
-            "{}: {} bytes, expected {expect}",
-            shape.name,
-            out.len()
-        );
+        anyhow::ensure!(out.len() == expect, "{}: {} bytes, expected {expect}", shape.name, out.len());
         return Ok(out);
     }
-    let w: Vec<f32> = (0..shape.n * shape.k)
-        .map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.1)
-        .collect();
+    let w: Vec<f32> = (0..shape.n * shape.k).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.1).collect();
     let t = Tensor::from_vec(w, (shape.n, shape.k), &Device::Cpu)?;
     Ok(QTensor::quantize(&t, shape.dtype)?.data()?.into_owned())
 }
@@ -254,20 +228,11 @@ fn time_round(min: Duration, mut f: impl FnMut(usize)) -> f64 {
 /// (busy ticks of the whole machine, ticks of this process), from /proc.
 fn cpu_ticks() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let cpu: Vec<u64> = stat
-        .lines()
-        .next()?
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
+    let cpu: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
     let busy = cpu.iter().sum::<u64>() - cpu.get(3)? - cpu.get(4)?;
     let own = std::fs::read_to_string("/proc/self/stat").ok()?;
     let fields: Vec<&str> = own.rsplit_once(')')?.1.split_whitespace().collect();
-    Some((
-        busy,
-        fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?,
-    ))
+    Some((busy, fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?))
 }
 
 /// Times a round, retrying (up to 8 times) while other processes took more than ~15% of a
@@ -340,10 +305,7 @@ fn main() -> anyhow::Result<()> {
         "kernel-bench: kernel {kernel:?}, {threads} threads (candle barrier pool), weights ≥ {} MB per shape",
         FOOTPRINT >> 20
     );
-    println!(
-        "memory read bandwidth (2 threads): {:.1} GB/s",
-        memory_bandwidth()
-    );
+    println!("memory read bandwidth (2 threads): {:.1} GB/s", memory_bandwidth());
 
     let model = match std::fs::File::open(&args.model) {
         Ok(mut f) => {
@@ -391,13 +353,9 @@ fn main() -> anyhow::Result<()> {
                     parts
                         .iter()
                         .map(|&pn| {
-                            let len =
-                                pn * shape.k / shape.dtype.block_size() * shape.dtype.type_size();
-                            let s = QStorage::from_data(
-                                Cow::Borrowed(&bytes[off..off + len]),
-                                &Device::Cpu,
-                                shape.dtype,
-                            )?;
+                            let len = pn * shape.k / shape.dtype.block_size() * shape.dtype.type_size();
+                            let s =
+                                QStorage::from_data(Cow::Borrowed(&bytes[off..off + len]), &Device::Cpu, shape.dtype)?;
                             off += len;
                             QMatMul::from_qtensor(QTensor::new(s, (pn, shape.k))?)
                         })
@@ -408,15 +366,10 @@ fn main() -> anyhow::Result<()> {
             Vec::new()
         };
         for &m in &args.ms {
-            let x: Vec<f32> = (0..m * shape.k)
-                .map(|i| ((i * 2654435761usize) % 2000) as f32 / 1000.0 - 1.0)
-                .collect();
+            let x: Vec<f32> = (0..m * shape.k).map(|i| ((i * 2654435761usize) % 2000) as f32 / 1000.0 - 1.0).collect();
             let xt = Tensor::from_vec(x.clone(), (m, shape.k), &Device::Cpu)?;
             let mut y = vec![0f32; m * shape.n];
-            let opts = MatmulOptions {
-                kernel,
-                parallel: true,
-            };
+            let opts = MatmulOptions { kernel, parallel: true };
             // Warm-up (page-in) of every copy.
             for w in &ours {
                 w.matmul_with(&x, m, &mut y, opts)?;
@@ -429,9 +382,7 @@ fn main() -> anyhow::Result<()> {
             let (mut t_ours, mut t_candle, mut clean) = (Vec::new(), Vec::new(), true);
             for _ in 0..args.rounds {
                 let (t, c) = clean_round(args.round_time, |i| {
-                    ours[i % copies]
-                        .matmul_with(&x, m, &mut y, opts)
-                        .expect("matmul");
+                    ours[i % copies].matmul_with(&x, m, &mut y, opts).expect("matmul");
                 });
                 t_ours.push(t);
                 clean &= c;
@@ -445,22 +396,14 @@ fn main() -> anyhow::Result<()> {
                     clean &= c;
                 }
             }
-            let row = Row {
-                shape: si,
-                m,
-                ours: median(t_ours),
-                candle: args.candle.then(|| median(t_candle)),
-                clean,
-            };
+            let row = Row { shape: si, m, ours: median(t_ours), candle: args.candle.then(|| median(t_candle)), clean };
             print_row(&row, bytes.len());
             rows.push(row);
         }
     }
 
     println!();
-    println!(
-        "whole-model estimate (one layer's fused qkv + o + gate_up + down × {LAYERS} + lm head):"
-    );
+    println!("whole-model estimate (one layer's fused qkv + o + gate_up + down × {LAYERS} + lm head):");
     for &m in &args.ms {
         let sum = |f: &dyn Fn(&Row) -> Option<f64>| -> Option<f64> {
             let mut total = 0.0;
@@ -480,13 +423,8 @@ fn main() -> anyhow::Result<()> {
                 "  m={m:>3}: ours {:>8.2} ms/step = {:>7.1} tok/s{}",
                 t * 1e3,
                 m as f64 / t,
-                c.map(|c| format!(
-                    "   candle {:>8.2} ms/step = {:>7.1} tok/s ({:.2}×)",
-                    c * 1e3,
-                    m as f64 / c,
-                    c / t
-                ))
-                .unwrap_or_default()
+                c.map(|c| format!("   candle {:>8.2} ms/step = {:>7.1} tok/s ({:.2}×)", c * 1e3, m as f64 / c, c / t))
+                    .unwrap_or_default()
             );
         }
     }
@@ -496,25 +434,17 @@ fn main() -> anyhow::Result<()> {
 /// The real per-step matmul sequence: for each of the 30 layers fused qkv, o, fused
 /// gate_up and down on that layer's own weights, then the lm head; ms per step for each m
 /// (and each `--variants` blocking, alternated round by round).
-fn model_sequence(
-    args: &Args,
-    (content, file): &(gguf_file::Content, std::fs::File),
-) -> anyhow::Result<()> {
+fn model_sequence(args: &Args, (content, file): &(gguf_file::Content, std::fs::File)) -> anyhow::Result<()> {
     let mut file = file.try_clone()?;
     let mut load = |name: &str| -> anyhow::Result<QuantMatrix> {
         let q = content.tensor(&mut file, name, &Device::Cpu)?;
         let (n, k) = q.shape().dims2()?;
-        QuantMatrix::from_ggml(q.dtype(), &q.data()?, n, k)?
-            .ok_or_else(|| anyhow::anyhow!("no kernel for {name}"))
+        QuantMatrix::from_ggml(q.dtype(), &q.data()?, n, k)?.ok_or_else(|| anyhow::anyhow!("no kernel for {name}"))
     };
     let mut layers = Vec::new();
     for l in 0..LAYERS {
         let p = |t: &str| format!("blk.{l}.{t}.weight");
-        let (q, k, v) = (
-            load(&p("attn_q"))?,
-            load(&p("attn_k"))?,
-            load(&p("attn_v"))?,
-        );
+        let (q, k, v) = (load(&p("attn_q"))?, load(&p("attn_k"))?, load(&p("attn_v"))?);
         let (g, u) = (load(&p("ffn_gate"))?, load(&p("ffn_up"))?);
         layers.push([
             QuantMatrix::concat_rows(&[&q, &k, &v])?,
@@ -524,26 +454,16 @@ fn model_sequence(
         ]);
     }
     let head = load("token_embd.weight")?;
-    let bytes: usize = layers
-        .iter()
-        .flatten()
-        .map(|w| w.size_in_bytes())
-        .sum::<usize>()
-        + head.size_in_bytes();
+    let bytes: usize = layers.iter().flatten().map(|w| w.size_in_bytes()).sum::<usize>() + head.size_in_bytes();
     println!();
     println!(
         "model sequence: {LAYERS} layers × (qkv, o, gate_up, down) + lm head = {:.1} MB of weights per step",
         bytes as f64 / 1e6
     );
-    let variants = if args.variants.is_empty() {
-        vec![None]
-    } else {
-        args.variants.iter().copied().map(Some).collect()
-    };
+    let variants =
+        if args.variants.is_empty() { vec![None] } else { args.variants.iter().copied().map(Some).collect() };
     for &m in &args.ms {
-        let x: Vec<f32> = (0..m * 1536)
-            .map(|i| ((i * 2654435761usize) % 2000) as f32 / 1000.0 - 1.0)
-            .collect();
+        let x: Vec<f32> = (0..m * 1536).map(|i| ((i * 2654435761usize) % 2000) as f32 / 1000.0 - 1.0).collect();
         let mut y = vec![0f32; m * 49152];
         let mut step = || {
             for [qkv, o, gu, down] in &layers {
@@ -552,8 +472,7 @@ fn model_sequence(
                     w.matmul(&x[..m * k], m, &mut y[..m * n]).expect("matmul");
                 }
             }
-            head.matmul(&x[..m * 576], m, &mut y[..m * 49152])
-                .expect("matmul");
+            head.matmul(&x[..m * 576], m, &mut y[..m * 49152]).expect("matmul");
         };
         let steps = (200 / m).clamp(2, 50);
         let mut times = vec![Vec::new(); variants.len()];
@@ -579,8 +498,7 @@ fn model_sequence(
             let t = median(t);
             println!(
                 "  m={m:>3}{}: {:>8.3} ms/step = {:>8.1} tok/s, {:>5.1} GB/s{}",
-                v.map(|(r, t, t1, parts)| format!(" [{r},{t},{t1},{parts}]"))
-                    .unwrap_or_default(),
+                v.map(|(r, t, t1, parts)| format!(" [{r},{t},{t1},{parts}]")).unwrap_or_default(),
                 t * 1e3,
                 m as f64 / t,
                 bytes as f64 / t / 1e9,
@@ -619,10 +537,6 @@ fn print_row(r: &Row, weight_bytes: usize) {
         r.ours * 1e6,
         gbs,
         flops / r.ours / 1e9,
-        if r.clean {
-            ""
-        } else {
-            "  (noisy: machine busy)"
-        }
+        if r.clean { "" } else { "  (noisy: machine busy)" }
     );
 }

@@ -110,24 +110,8 @@ impl<'a> ActRowsMut<'a> {
         let (sum0, sum1) = self.sum.split_at_mut(rows * nb);
         let (sub0, sub1) = self.sub.split_at_mut(rows * nb * subs);
         (
-            Self {
-                qs: qs0,
-                d: d0,
-                s: s0,
-                sum: sum0,
-                sub: sub0,
-                block,
-                subs,
-            },
-            Self {
-                qs: qs1,
-                d: d1,
-                s: s1,
-                sum: sum1,
-                sub: sub1,
-                block,
-                subs,
-            },
+            Self { qs: qs0, d: d0, s: s0, sum: sum0, sub: sub0, block, subs },
+            Self { qs: qs1, d: d1, s: s1, sum: sum1, sub: sub1, block, subs },
         )
     }
 }
@@ -160,11 +144,7 @@ pub(crate) fn quantize_block_scalar(xs: &[f32]) -> QBlock {
         *q = (x * id).round() as i8;
         sum += *q as i32;
     }
-    QBlock {
-        qs,
-        d: f16::from_f32(d),
-        sum,
-    }
+    QBlock { qs, d: f16::from_f32(d), sum }
 }
 
 /// Quantizes rows (row-major, whole blocks) into `out` with the portable quantizer.

@@ -29,12 +29,7 @@ impl<'a> OutPtr<'a> {
     /// `y` must hold at least `m * n` elements (checked).
     pub(crate) fn new(y: &'a mut [f32], m: usize, n: usize) -> Self {
         assert!(y.len() >= m * n, "output buffer too small");
-        Self {
-            ptr: y.as_mut_ptr(),
-            m,
-            n,
-            _y: PhantomData,
-        }
+        Self { ptr: y.as_mut_ptr(), m, n, _y: PhantomData }
     }
 
     /// Writes `vals` to `y[row, col..col + vals.len()]`.
@@ -46,13 +41,7 @@ impl<'a> OutPtr<'a> {
     pub(crate) unsafe fn write(&self, row: usize, col: usize, vals: &[f32]) {
         debug_assert!(row < self.m && col + vals.len() <= self.n);
         // SAFETY: in bounds by the contract above; the regions do not overlap.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                vals.as_ptr(),
-                self.ptr.add(row * self.n + col),
-                vals.len(),
-            )
-        };
+        unsafe { std::ptr::copy_nonoverlapping(vals.as_ptr(), self.ptr.add(row * self.n + col), vals.len()) };
     }
 }
 
@@ -95,10 +84,7 @@ impl Blocking {
     /// weight vector reused 4×, each activation broadcast 2×) measured best.
     fn for_m(m: usize) -> Self {
         if m == 1 {
-            Self {
-                rows: 1,
-                tiles: TUNING.tiles_m1.load(Ordering::Relaxed).clamp(1, 4),
-            }
+            Self { rows: 1, tiles: TUNING.tiles_m1.load(Ordering::Relaxed).clamp(1, 4) }
         } else if m <= SMALL_M {
             Self { rows: m, tiles: 1 }
         } else {
@@ -153,14 +139,7 @@ thread_local! {
 }
 
 /// `y[m×n] = x[m×k] · Wᵀ`; sizes are validated by the caller.
-pub(crate) fn matmul(
-    p: &Packed,
-    x: &[f32],
-    m: usize,
-    y: &mut [f32],
-    kernel: Kernel,
-    parallel: bool,
-) {
+pub(crate) fn matmul(p: &Packed, x: &[f32], m: usize, y: &mut [f32], kernel: Kernel, parallel: bool) {
     if m == 0 {
         return;
     }
@@ -174,15 +153,7 @@ pub(crate) fn matmul(
     });
 }
 
-fn run(
-    p: &Packed,
-    x: &[f32],
-    m: usize,
-    y: &mut [f32],
-    kernel: Kernel,
-    threads: usize,
-    acts: &mut QActs,
-) {
+fn run(p: &Packed, x: &[f32], m: usize, y: &mut [f32], kernel: Kernel, threads: usize, acts: &mut QActs) {
     quantize(x, m, p, kernel, threads, acts);
     let acts = &*acts;
     let out = OutPtr::new(y, m, p.n);

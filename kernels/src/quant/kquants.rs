@@ -55,10 +55,7 @@ fn get_scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
-        (
-            (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
-            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
-        )
+        ((s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
     }
 }
 
@@ -91,21 +88,11 @@ struct Q6KLane {
 
 /// Decodes a GGML Q4_K (144 B) or, with `five`, Q5_K (176 B: `qh` before `qs`) block.
 fn decode_q4k(blk: &[u8], five: bool) -> Q4KLane {
-    let mut l = Q4KLane {
-        d: [blk[0], blk[1]],
-        dmin: [blk[2], blk[3]],
-        sc: [0; 8],
-        mn: [0; 8],
-        q: [0; QK_K],
-    };
+    let mut l = Q4KLane { d: [blk[0], blk[1]], dmin: [blk[2], blk[3]], sc: [0; 8], mn: [0; 8], q: [0; QK_K] };
     for j in 0..8 {
         (l.sc[j], l.mn[j]) = get_scale_min_k4(j, &blk[4..16]);
     }
-    let (qh, qs) = if five {
-        (&blk[16..48], &blk[48..176])
-    } else {
-        (&blk[16..16], &blk[16..144])
-    };
+    let (qh, qs) = if five { (&blk[16..48], &blk[48..176]) } else { (&blk[16..16], &blk[16..144]) };
     for c in 0..4 {
         for i in 0..32 {
             l.q[64 * c + i] = qs[32 * c + i] & 0x0F;
@@ -126,25 +113,18 @@ fn encode_q4k(l: &Q4KLane, five: bool, out: &mut Vec<u8>) {
     if five {
         out.extend((0..32).map(|i| {
             (0..4).fold(0u8, |h, c| {
-                h | (((l.q[64 * c + i] >> 4) & 1) << (2 * c))
-                    | (((l.q[64 * c + 32 + i] >> 4) & 1) << (2 * c + 1))
+                h | (((l.q[64 * c + i] >> 4) & 1) << (2 * c)) | (((l.q[64 * c + 32 + i] >> 4) & 1) << (2 * c + 1))
             })
         }));
     }
     for c in 0..4 {
-        out.extend(
-            (0..32).map(|i| (l.q[64 * c + i] & 0x0F) | ((l.q[64 * c + 32 + i] & 0x0F) << 4)),
-        );
+        out.extend((0..32).map(|i| (l.q[64 * c + i] & 0x0F) | ((l.q[64 * c + 32 + i] & 0x0F) << 4)));
     }
 }
 
 fn decode_q6k(blk: &[u8]) -> Q6KLane {
     let (ql, qh) = (&blk[0..128], &blk[128..192]);
-    let mut l = Q6KLane {
-        d: [blk[208], blk[209]],
-        sc: [0; 16],
-        q: [0; QK_K],
-    };
+    let mut l = Q6KLane { d: [blk[208], blk[209]], sc: [0; 16], q: [0; QK_K] };
     for (s, &b) in l.sc.iter_mut().zip(&blk[192..208]) {
         *s = b as i8;
     }
@@ -168,10 +148,7 @@ fn encode_q6k(l: &Q6KLane, out: &mut Vec<u8>) {
         for i in 0..32 {
             ql[64 * h + i] = (q[i] & 0x0F) | ((q[i + 64] & 0x0F) << 4);
             ql[64 * h + i + 32] = (q[i + 32] & 0x0F) | ((q[i + 96] & 0x0F) << 4);
-            qh[32 * h + i] = (q[i] >> 4)
-                | ((q[i + 32] >> 4) << 2)
-                | ((q[i + 64] >> 4) << 4)
-                | ((q[i + 96] >> 4) << 6);
+            qh[32 * h + i] = (q[i] >> 4) | ((q[i + 32] >> 4) << 2) | ((q[i + 64] >> 4) << 4) | ((q[i + 96] >> 4) << 6);
         }
     }
     out.extend_from_slice(&ql);
@@ -186,13 +163,7 @@ fn read_q4k(p: &Packed, t: usize, b: usize, lane: usize) -> Q4KLane {
     let five = p.format == Format::Q5K;
     let (sub, nib) = if five { (Q5K_SUB, 64) } else { (Q4K_SUB, 0) };
     let at = |o: usize| [data[o + 2 * lane], data[o + 2 * lane + 1]];
-    let mut l = Q4KLane {
-        d: at(K45_D),
-        dmin: at(K45_DMIN),
-        sc: [0; 8],
-        mn: [0; 8],
-        q: [0; QK_K],
-    };
+    let mut l = Q4KLane { d: at(K45_D), dmin: at(K45_DMIN), sc: [0; 8], mn: [0; 8], q: [0; QK_K] };
     for (s, q) in l.q.chunks_exact_mut(32).enumerate() {
         let so = K45_HEAD + s * sub;
         get_nibbles(&data[so + nib..so + sub], lane, q);
@@ -208,11 +179,7 @@ fn read_q4k(p: &Packed, t: usize, b: usize, lane: usize) -> Q4KLane {
 fn read_q6k(p: &Packed, t: usize, b: usize, lane: usize) -> Q6KLane {
     let base = p.quant_offset(t, b);
     let data = &p.data.as_slice()[base..base + Q6K_TILE_BLOCK];
-    let mut l = Q6KLane {
-        d: [data[Q6K_D + 2 * lane], data[Q6K_D + 2 * lane + 1]],
-        sc: [0; 16],
-        q: [0; QK_K],
-    };
+    let mut l = Q6KLane { d: [data[Q6K_D + 2 * lane], data[Q6K_D + 2 * lane + 1]], sc: [0; 16], q: [0; QK_K] };
     for (h, q) in l.q.chunks_exact_mut(16).enumerate() {
         let so = Q6K_HEAD + h * Q6K_SUB;
         get_nibbles(&data[so + 64..so + Q6K_SUB], lane, q);
@@ -258,8 +225,7 @@ pub(crate) fn set_row(p: &mut Packed, r: usize, row: &[u8]) {
                     let so = Q6K_HEAD + h * Q6K_SUB;
                     put_nibbles(&mut out[so + 64..so + Q6K_SUB], lane, q);
                     for j in 0..4 {
-                        out[so + lane * 4 + j] =
-                            (0..4).map(|c| (q[4 * c + j] >> 4) << (2 * c)).sum();
+                        out[so + lane * 4 + j] = (0..4).map(|c| (q[4 * c + j] >> 4) << (2 * c)).sum();
                     }
                     out[Q6K_SC + h * TILE + lane] = l.sc[h] as u8;
                 }
@@ -274,9 +240,7 @@ pub(crate) fn push_ggml_row(p: &Packed, r: usize, out: &mut Vec<u8>) {
     let (t, lane) = (r / TILE, r % TILE);
     for b in 0..p.nb {
         match p.format {
-            Format::Q4K | Format::Q5K => {
-                encode_q4k(&read_q4k(p, t, b, lane), p.format == Format::Q5K, out)
-            }
+            Format::Q4K | Format::Q5K => encode_q4k(&read_q4k(p, t, b, lane), p.format == Format::Q5K, out),
             _ => encode_q6k(&read_q6k(p, t, b, lane), out),
         }
     }
@@ -353,9 +317,8 @@ pub(crate) fn run(p: &Packed, a: &QActs, rows: Range<usize>, tiles: Range<usize>
     for t in tiles {
         let cols = TILE.min(p.n - t * TILE);
         // Unpack the tile once, not once per activation row: `blocks[b][lane]`.
-        let blocks: Vec<Vec<LaneBlock>> = (0..nb)
-            .map(|b| (0..cols).map(|lane| lane_block(p, t, b, lane)).collect())
-            .collect();
+        let blocks: Vec<Vec<LaneBlock>> =
+            (0..nb).map(|b| (0..cols).map(|lane| lane_block(p, t, b, lane)).collect()).collect();
         for r in rows.clone() {
             let mut acc = [0f32; TILE];
             for (b, lanes) in blocks.iter().enumerate() {
@@ -369,19 +332,11 @@ pub(crate) fn run(p: &Packed, a: &QActs, rows: Range<usize>, tiles: Range<usize>
                         l.sc.iter()
                             .zip(l.q.chunks_exact(width).zip(x.chunks_exact(width)))
                             .map(|(&sc, (q, x))| {
-                                sc * q
-                                    .iter()
-                                    .zip(x)
-                                    .map(|(&q, &x)| (q as i32 - offset) * x as i32)
-                                    .sum::<i32>()
+                                sc * q.iter().zip(x).map(|(&q, &x)| (q as i32 - offset) * x as i32).sum::<i32>()
                             })
                             .sum();
                     *acc += if p.format != Format::Q6K {
-                        let msum: i32 =
-                            l.mn.iter()
-                                .zip(bs.chunks_exact(2))
-                                .map(|(&m, s)| m * (s[0] + s[1]))
-                                .sum();
+                        let msum: i32 = l.mn.iter().zip(bs.chunks_exact(2)).map(|(&m, s)| m * (s[0] + s[1])).sum();
                         isum as f32 * l.d * dx - msum as f32 * l.dmin * dx
                     } else {
                         isum as f32 * l.d * dx

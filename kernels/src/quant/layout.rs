@@ -149,11 +149,7 @@ impl Format {
     /// Blocks per aligned group (scales of a whole group come first, then its quants).
     #[inline(always)]
     pub(crate) fn group_blocks(self) -> usize {
-        if self.is_k() {
-            1
-        } else {
-            64 / self.scale_bytes()
-        }
+        if self.is_k() { 1 } else { 64 / self.scale_bytes() }
     }
 
     /// Bytes of one group: a multiple of 64.
@@ -222,22 +218,12 @@ pub(crate) struct SmallBlock {
 }
 
 fn decode_small(f: Format, blk: &[u8]) -> SmallBlock {
-    let mut b = SmallBlock {
-        d: [blk[0], blk[1]],
-        m: [0; 2],
-        q: [0; QK],
-    };
+    let mut b = SmallBlock { d: [blk[0], blk[1]], m: [0; 2], q: [0; QK] };
     let (qh, qs) = match f {
         Format::Q4_0 => (0, &blk[2..18]),
         Format::Q4_1 => (0, &blk[4..20]),
-        Format::Q5_0 => (
-            u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]),
-            &blk[6..22],
-        ),
-        Format::Q5_1 => (
-            u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]),
-            &blk[8..24],
-        ),
+        Format::Q5_0 => (u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]), &blk[6..22]),
+        Format::Q5_1 => (u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]), &blk[8..24]),
         _ => {
             b.q.copy_from_slice(&blk[2..34]);
             return b;
@@ -284,10 +270,7 @@ struct Line([u8; 64]);
 
 impl AlignedBytes {
     pub(crate) fn zeroed(len: usize) -> Self {
-        Self {
-            chunks: vec![Line([0; 64]); len.div_ceil(64)],
-            len,
-        }
+        Self { chunks: vec![Line([0; 64]); len.div_ceil(64)], len }
     }
 
     pub(crate) fn as_slice(&self) -> &[u8] {
@@ -329,15 +312,7 @@ impl Packed {
         let nb = k / format.block_len();
         let n_tiles = n.div_ceil(TILE);
         let tile_bytes = nb.div_ceil(format.group_blocks()) * format.group_bytes();
-        Self {
-            format,
-            n,
-            k,
-            nb,
-            n_tiles,
-            tile_bytes,
-            data: AlignedBytes::zeroed(n_tiles * tile_bytes),
-        }
+        Self { format, n, k, nb, n_tiles, tile_bytes, data: AlignedBytes::zeroed(n_tiles * tile_bytes) }
     }
 
     /// Byte offset of block `b`'s scales in tile `t`.
@@ -353,42 +328,24 @@ impl Packed {
     pub(crate) fn quant_offset(&self, t: usize, b: usize) -> usize {
         let f = self.format;
         let g = f.group_blocks();
-        t * self.tile_bytes
-            + (b / g) * f.group_bytes()
-            + g * f.scale_bytes()
-            + (b % g) * f.quant_bytes()
+        t * self.tile_bytes + (b / g) * f.group_bytes() + g * f.scale_bytes() + (b % g) * f.quant_bytes()
     }
 
     /// Validates sizes and repacks GGML row-major blocks.
-    pub(crate) fn from_ggml(
-        format: Format,
-        data: &[u8],
-        n: usize,
-        k: usize,
-    ) -> Result<Self, QuantError> {
+    pub(crate) fn from_ggml(format: Format, data: &[u8], n: usize, k: usize) -> Result<Self, QuantError> {
         let dtype = format.dtype();
         if n == 0 || k == 0 {
             return Err(QuantError::Empty { n, k });
         }
         if !k.is_multiple_of(format.block_len()) {
-            return Err(QuantError::BadK {
-                dtype,
-                k,
-                block: format.block_len(),
-            });
+            return Err(QuantError::BadK { dtype, k, block: format.block_len() });
         }
         let expected = n
             .checked_mul(k / format.block_len())
             .and_then(|b| b.checked_mul(format.ggml_block_bytes()))
             .ok_or(QuantError::TooLarge { n, k })?;
         if data.len() != expected {
-            return Err(QuantError::SizeMismatch {
-                dtype,
-                n,
-                k,
-                expected,
-                got: data.len(),
-            });
+            return Err(QuantError::SizeMismatch { dtype, n, k, expected, got: data.len() });
         }
         let mut p = Self::empty(format, n, k);
         let row_bytes = p.nb * format.ggml_block_bytes();
@@ -421,8 +378,7 @@ impl Packed {
             match f {
                 Format::Q8_0 => {
                     for g in 0..QK / 4 {
-                        quants[g * 64 + lane * 4..g * 64 + lane * 4 + 4]
-                            .copy_from_slice(&blk.q[4 * g..4 * g + 4]);
+                        quants[g * 64 + lane * 4..g * 64 + lane * 4 + 4].copy_from_slice(&blk.q[4 * g..4 * g + 4]);
                     }
                 }
                 _ if f.is_five() => {
@@ -439,23 +395,15 @@ impl Packed {
         let f = self.format;
         let data = self.data.as_slice();
         let (so, qo) = (self.scale_offset(t, b), self.quant_offset(t, b));
-        let mut blk = SmallBlock {
-            d: [data[so + 2 * lane], data[so + 2 * lane + 1]],
-            m: [0; 2],
-            q: [0; QK],
-        };
+        let mut blk = SmallBlock { d: [data[so + 2 * lane], data[so + 2 * lane + 1]], m: [0; 2], q: [0; QK] };
         if f.has_min() {
-            blk.m = [
-                data[so + 2 * TILE + 2 * lane],
-                data[so + 2 * TILE + 2 * lane + 1],
-            ];
+            blk.m = [data[so + 2 * TILE + 2 * lane], data[so + 2 * TILE + 2 * lane + 1]];
         }
         let quants = &data[qo..qo + f.quant_bytes()];
         match f {
             Format::Q8_0 => {
                 for g in 0..QK / 4 {
-                    blk.q[4 * g..4 * g + 4]
-                        .copy_from_slice(&quants[g * 64 + lane * 4..g * 64 + lane * 4 + 4]);
+                    blk.q[4 * g..4 * g + 4].copy_from_slice(&quants[g * 64 + lane * 4..g * 64 + lane * 4 + 4]);
                 }
             }
             _ if f.is_five() => {

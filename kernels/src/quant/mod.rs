@@ -45,25 +45,11 @@ pub enum QuantError {
     #[error("matrix [{n}, {k}] is too large")]
     TooLarge { n: usize, k: usize },
     #[error("k = {k} is not a multiple of the {dtype:?} block size {block}")]
-    BadK {
-        dtype: GgmlDType,
-        k: usize,
-        block: usize,
-    },
+    BadK { dtype: GgmlDType, k: usize, block: usize },
     #[error("{dtype:?} data for a [{n}, {k}] matrix must be {expected} bytes, got {got}")]
-    SizeMismatch {
-        dtype: GgmlDType,
-        n: usize,
-        k: usize,
-        expected: usize,
-        got: usize,
-    },
+    SizeMismatch { dtype: GgmlDType, n: usize, k: usize, expected: usize, got: usize },
     #[error("{what}: expected {expected} elements, got {got}")]
-    BadLength {
-        what: &'static str,
-        expected: usize,
-        got: usize,
-    },
+    BadLength { what: &'static str, expected: usize, got: usize },
     #[error("concat_rows: {0}")]
     Concat(String),
     #[error("row {row} out of range for a matrix of {rows} rows")]
@@ -99,10 +85,7 @@ impl Kernel {
 
     /// Kernels this CPU can run, fastest first.
     pub fn available() -> Vec<Kernel> {
-        [Self::Avx512Vnni, Self::Avx2, Self::Scalar]
-            .into_iter()
-            .filter(|k| k.is_available())
-            .collect()
+        [Self::Avx512Vnni, Self::Avx2, Self::Scalar].into_iter().filter(|k| k.is_available()).collect()
     }
 
     /// The kernel `matmul` uses: the fastest available, unless `RAGNODE_QUANT_KERNEL`
@@ -110,14 +93,13 @@ impl Kernel {
     pub fn best() -> Kernel {
         static BEST: OnceLock<Kernel> = OnceLock::new();
         *BEST.get_or_init(|| {
-            let forced = std::env::var("RAGNODE_QUANT_KERNEL").ok().and_then(|v| {
-                match v.to_ascii_lowercase().as_str() {
+            let forced =
+                std::env::var("RAGNODE_QUANT_KERNEL").ok().and_then(|v| match v.to_ascii_lowercase().as_str() {
                     "scalar" => Some(Self::Scalar),
                     "avx2" => Some(Self::Avx2),
                     "avx512" | "avx512vnni" => Some(Self::Avx512Vnni),
                     _ => None,
-                }
-            });
+                });
             match forced {
                 Some(k) if k.is_available() => k,
                 _ => Self::available()[0],
@@ -136,10 +118,7 @@ pub struct MatmulOptions {
 
 impl Default for MatmulOptions {
     fn default() -> Self {
-        Self {
-            kernel: Kernel::best(),
-            parallel: true,
-        }
+        Self { kernel: Kernel::best(), parallel: true }
     }
 }
 
@@ -164,18 +143,11 @@ impl QuantMatrix {
     /// From GGML-layout bytes of a row-major `[n, k]` matrix (each row = `k / block_size`
     /// blocks), as stored in GGUF (candle's `QTensor::data()`). `Ok(None)` when `dtype` has
     /// no kernel here (use candle's `QMatMul` then).
-    pub fn from_ggml(
-        dtype: GgmlDType,
-        data: &[u8],
-        n: usize,
-        k: usize,
-    ) -> Result<Option<QuantMatrix>, QuantError> {
+    pub fn from_ggml(dtype: GgmlDType, data: &[u8], n: usize, k: usize) -> Result<Option<QuantMatrix>, QuantError> {
         let Some(format) = Format::from_dtype(dtype) else {
             return Ok(None);
         };
-        Ok(Some(Self {
-            packed: Packed::from_ggml(format, data, n, k)?,
-        }))
+        Ok(Some(Self { packed: Packed::from_ggml(format, data, n, k)? }))
     }
 
     /// Stacks matrices with the same `k` and format along `n` (fuses q/k/v or gate/up).
@@ -184,10 +156,7 @@ impl QuantMatrix {
             return Err(QuantError::Concat("no matrices".into()));
         };
         let (format, k) = (first.packed.format, first.packed.k);
-        if let Some(bad) = parts
-            .iter()
-            .find(|p| p.packed.format != format || p.packed.k != k)
-        {
+        if let Some(bad) = parts.iter().find(|p| p.packed.format != format || p.packed.k != k) {
             return Err(QuantError::Concat(format!(
                 "{:?} [.., {}] does not match {:?} [.., {k}]",
                 bad.dtype(),
@@ -202,9 +171,7 @@ impl QuantMatrix {
                 part.packed.push_ggml_row(r, &mut ggml);
             }
         }
-        Ok(Self {
-            packed: Packed::from_ggml(format, &ggml, n, k)?,
-        })
+        Ok(Self { packed: Packed::from_ggml(format, &ggml, n, k)? })
     }
 
     /// Output features `n`.
@@ -228,9 +195,7 @@ impl QuantMatrix {
 
     /// The matrix back in GGML layout (what `from_ggml` was given).
     pub fn to_ggml(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(
-            self.rows() * self.packed.nb * self.packed.format.ggml_block_bytes(),
-        );
+        let mut out = Vec::with_capacity(self.rows() * self.packed.nb * self.packed.format.ggml_block_bytes());
         for r in 0..self.rows() {
             self.packed.push_ggml_row(r, &mut out);
         }
@@ -243,21 +208,11 @@ impl QuantMatrix {
     }
 
     /// [`matmul`](Self::matmul) with an explicit kernel and threading.
-    pub fn matmul_with(
-        &self,
-        x: &[f32],
-        m: usize,
-        y: &mut [f32],
-        opts: MatmulOptions,
-    ) -> Result<(), QuantError> {
+    pub fn matmul_with(&self, x: &[f32], m: usize, y: &mut [f32], opts: MatmulOptions) -> Result<(), QuantError> {
         let (n, k) = (self.rows(), self.cols());
         let check = |what, expected: Option<usize>, got| match expected {
             Some(e) if e == got => Ok(()),
-            Some(e) => Err(QuantError::BadLength {
-                what,
-                expected: e,
-                got,
-            }),
+            Some(e) => Err(QuantError::BadLength { what, expected: e, got }),
             None => Err(QuantError::TooLarge { n: m, k }),
         };
         check("x (m × k)", m.checked_mul(k), x.len())?;
@@ -272,18 +227,11 @@ impl QuantMatrix {
     /// Dequantizes row `r` (an embedding lookup) into `out[..k]`, exactly as candle does.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<(), QuantError> {
         if r >= self.rows() {
-            return Err(QuantError::RowOutOfRange {
-                row: r,
-                rows: self.rows(),
-            });
+            return Err(QuantError::RowOutOfRange { row: r, rows: self.rows() });
         }
         let k = self.cols();
         let Some(out) = out.get_mut(..k) else {
-            return Err(QuantError::BadLength {
-                what: "dequantize_row out",
-                expected: k,
-                got: out.len(),
-            });
+            return Err(QuantError::BadLength { what: "dequantize_row out", expected: k, got: out.len() });
         };
         self.packed.dequantize_row(r, out);
         Ok(())
@@ -304,9 +252,7 @@ pub fn set_tuning(rows: usize, tiles: usize, tiles_m1: usize) {
 /// thread; more: smaller ranges handed out dynamically); for benchmarking.
 #[doc(hidden)]
 pub fn set_parts_per_thread(parts: usize) {
-    exec::TUNING
-        .parts_per_thread
-        .store(parts, std::sync::atomic::Ordering::Relaxed);
+    exec::TUNING.parts_per_thread.store(parts, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Embedding lookup: `ids` → `[ids.len(), k]` f32, row-major.
@@ -330,11 +276,7 @@ impl CustomOp1 for QuantMatmulOp {
         "ragnode-quant-matmul"
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, k) = (self.w.rows(), self.w.cols());
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!("{}: x must be f32", self.name());
@@ -344,17 +286,11 @@ impl CustomOp1 for QuantMatmulOp {
         };
         let dims = layout.shape().dims();
         if dims.last() != Some(&k) {
-            candle_core::bail!(
-                "{}: x of shape {:?} does not end in k = {k}",
-                self.name(),
-                dims
-            );
+            candle_core::bail!("{}: x of shape {:?} does not end in k = {k}", self.name(), dims);
         }
         let m = layout.shape().elem_count() / k;
         let mut y = vec![0f32; m * n];
-        self.w
-            .matmul(&data[start..end], m, &mut y)
-            .map_err(candle_core::Error::wrap)?;
+        self.w.matmul(&data[start..end], m, &mut y).map_err(candle_core::Error::wrap)?;
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
             *last = n;
@@ -375,10 +311,7 @@ impl CustomOp1 for QuantMatmulOp {
         _: &candle_core::MetalStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
-        candle_core::bail!(
-            "{}: not on CPU (use candle's QMatMul on Metal)",
-            self.name()
-        )
+        candle_core::bail!("{}: not on CPU (use candle's QMatMul on Metal)", self.name())
     }
 }
 
@@ -388,10 +321,7 @@ pub fn quant_matmul(x: &Tensor, w: &Arc<QuantMatrix>) -> candle_core::Result<Ten
         candle_core::bail!("quant_matmul: x must be f32, got {:?}", x.dtype());
     }
     if !x.device().is_cpu() {
-        candle_core::bail!(
-            "quant_matmul: not on CPU (x is on {:?})",
-            x.device().location()
-        );
+        candle_core::bail!("quant_matmul: not on CPU (x is on {:?})", x.device().location());
     }
     let x = x.contiguous()?;
     x.apply_op1_no_bwd(&QuantMatmulOp { w: w.clone() })

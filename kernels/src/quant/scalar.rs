@@ -42,11 +42,7 @@ pub(crate) fn run(p: &Packed, a: &QActs, rows: Range<usize>, tiles: Range<usize>
                 let (dx, sx) = (a.d[r * nb + b], a.s[r * nb + b]);
                 for (acc, (dw, mw, q)) in acc.iter_mut().zip(lanes) {
                     let isum: i32 = q.iter().zip(xq).map(|(&q, &x)| q * x as i32).sum();
-                    *acc += if f.has_min() {
-                        isum as f32 * dw * dx + mw * sx
-                    } else {
-                        isum as f32 * dw * dx
-                    };
+                    *acc += if f.has_min() { isum as f32 * dw * dx + mw * sx } else { isum as f32 * dw * dx };
                 }
             }
             // SAFETY: `r < m` and the tile's `cols` columns lie inside `n`; the caller hands

@@ -26,11 +26,7 @@ const FORMATS: [GgmlDType; 8] = [
 
 /// A few `k` values valid for `dtype` (the block size and up).
 fn ks(dtype: GgmlDType) -> [usize; 3] {
-    if dtype.block_size() == 256 {
-        [256, 512, 1536]
-    } else {
-        [32, 96, 576]
-    }
+    if dtype.block_size() == 256 { [256, 512, 1536] } else { [32, 96, 576] }
 }
 
 fn randn(rng: &mut StdRng, len: usize, scale: f32) -> Vec<f32> {
@@ -38,11 +34,7 @@ fn randn(rng: &mut StdRng, len: usize, scale: f32) -> Vec<f32> {
     (0..len)
         .map(|_| {
             let v: f32 = (0..4).map(|_| rng.random::<f32>() - 0.5).sum();
-            if rng.random::<f32>() < 0.01 {
-                v * 20.0 * scale
-            } else {
-                v * scale
-            }
+            if rng.random::<f32>() < 0.01 { v * 20.0 * scale } else { v * scale }
         })
         .collect()
 }
@@ -63,18 +55,12 @@ fn matrix(dtype: GgmlDType, bytes: &[u8], n: usize, k: usize) -> QuantMatrix {
 fn candle_matmul(q: QTensor, x: &[f32], m: usize, k: usize) -> Vec<f32> {
     let mm = QMatMul::from_qtensor(q).unwrap();
     let xt = Tensor::from_vec(x.to_vec(), (m, k), &Device::Cpu).unwrap();
-    mm.forward(&xt)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
+    mm.forward(&xt).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 
 fn run(w: &QuantMatrix, x: &[f32], m: usize, kernel: Kernel, parallel: bool) -> Vec<f32> {
     let mut y = vec![f32::NAN; m * w.rows()];
-    w.matmul_with(x, m, &mut y, MatmulOptions { kernel, parallel })
-        .unwrap();
+    w.matmul_with(x, m, &mut y, MatmulOptions { kernel, parallel }).unwrap();
     y
 }
 
@@ -89,15 +75,8 @@ fn max_abs(v: &[f32]) -> f32 {
 fn assert_close(got: &[f32], want: &[f32], rel: f32, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let tol = rel * max_abs(want).max(1e-6);
-    let worst = got
-        .iter()
-        .zip(want)
-        .map(|(g, w)| (g - w).abs())
-        .fold(0f32, f32::max);
-    eprintln!(
-        "{what}: max |diff| / max |y| = {:.2e}",
-        worst / max_abs(want).max(1e-6)
-    );
+    let worst = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+    eprintln!("{what}: max |diff| / max |y| = {:.2e}", worst / max_abs(want).max(1e-6));
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert!((g - w).abs() <= tol, "{what}: [{i}] {g} vs {w} (tol {tol})");
     }
@@ -106,22 +85,8 @@ fn assert_close(got: &[f32], want: &[f32], rel: f32, what: &str) {
 /// Checks `got` against an f64 `x · Wᵀ` on candle's dequantized weights, allowing per
 /// element the activation rounding bound `Σ_blocks amax/254 · Σ|w|` plus `2⁻⁹ · Σ|x·w|`
 /// (f16 scales).
-fn check_vs_dequantized(
-    got: &[f32],
-    q: &QTensor,
-    x: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    what: &str,
-) {
-    let w: Vec<f32> = q
-        .dequantize(&Device::Cpu)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+fn check_vs_dequantized(got: &[f32], q: &QTensor, x: &[f32], m: usize, n: usize, k: usize, what: &str) {
+    let w: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     for i in 0..m {
         let xr = &x[i * k..(i + 1) * k];
         for j in 0..n {
@@ -132,18 +97,10 @@ fn check_vs_dequantized(
             for (xb, wb) in xr.chunks(qk).zip(wr.chunks(qk)) {
                 let amax = xb.iter().fold(0f64, |a, &b| a.max(b.abs() as f64));
                 bound += amax / 254.0 * wb.iter().map(|&v| v.abs() as f64).sum::<f64>();
-                bound += xb
-                    .iter()
-                    .zip(wb)
-                    .map(|(&a, &b)| (a as f64 * b as f64).abs())
-                    .sum::<f64>()
-                    / 512.0;
+                bound += xb.iter().zip(wb).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum::<f64>() / 512.0;
             }
             let g = got[i * n + j] as f64;
-            assert!(
-                (g - exact).abs() <= bound,
-                "{what}: [{i}, {j}] {g} vs {exact} (bound {bound})"
-            );
+            assert!((g - exact).abs() <= bound, "{what}: [{i}, {j}] {g} vs {exact} (bound {bound})");
         }
     }
 }
@@ -151,11 +108,7 @@ fn check_vs_dequantized(
 #[test]
 fn activation_quantization_matches_candle() {
     let mut rng = StdRng::seed_from_u64(1);
-    let kinds = [
-        (ActKind::Q8_0, GgmlDType::Q8_0),
-        (ActKind::Q8_1, GgmlDType::Q8_1),
-        (ActKind::Q8K, GgmlDType::Q8K),
-    ];
+    let kinds = [(ActKind::Q8_0, GgmlDType::Q8_0), (ActKind::Q8_1, GgmlDType::Q8_1), (ActKind::Q8K, GgmlDType::Q8K)];
     for (kind, dtype) in kinds {
         let k = 256 * 5;
         let mut x = randn(&mut rng, k, 3.0);
@@ -173,11 +126,7 @@ fn activation_quantization_matches_candle() {
         x[600] = -50.0;
         x[700] = 50.0;
         let t = Tensor::from_vec(x.clone(), k, &Device::Cpu).unwrap();
-        let want = QTensor::quantize(&t, dtype)
-            .unwrap()
-            .data()
-            .unwrap()
-            .into_owned();
+        let want = QTensor::quantize(&t, dtype).unwrap().data().unwrap().into_owned();
         let block = kind.block_len();
         let block_bytes = want.len() / (k / block);
         for kernel in Kernel::available() {
@@ -185,9 +134,7 @@ fn activation_quantization_matches_candle() {
             a.reset(1, k / block, kind);
             match kernel {
                 #[cfg(target_arch = "x86_64")]
-                Kernel::Avx512Vnni => unsafe {
-                    x86::quantize_rows_avx512(&x, kind, a.rows_mut(0..1))
-                },
+                Kernel::Avx512Vnni => unsafe { x86::quantize_rows_avx512(&x, kind, a.rows_mut(0..1)) },
                 _ => acts::quantize_rows_scalar(&x, kind, a.rows_mut(0..1)),
             }
             for (b, blk) in want.chunks_exact(block_bytes).enumerate() {
@@ -202,19 +149,11 @@ fn activation_quantization_matches_candle() {
                     assert_eq!(a.s[b].to_bits(), s.to_f32().to_bits(), "{kernel:?} s[{b}]");
                 }
                 let qs: Vec<i8> = blk[qs_at..qs_at + block].iter().map(|&v| v as i8).collect();
-                assert_eq!(
-                    &a.qs[b * block..(b + 1) * block],
-                    &qs[..],
-                    "{kernel:?} {dtype:?} qs[{b}]"
-                );
+                assert_eq!(&a.qs[b * block..(b + 1) * block], &qs[..], "{kernel:?} {dtype:?} qs[{b}]");
                 assert_eq!(a.sum[b], qs.iter().map(|&q| q as i32).sum::<i32>());
                 if kind == ActKind::Q8K {
                     for j in 0..16 {
-                        assert_eq!(
-                            a.sub[b * 16 + j],
-                            le16(4 + 256 + 2 * j) as i16 as i32,
-                            "bsums[{j}]"
-                        );
+                        assert_eq!(a.sub[b * 16 + j], le16(4 + 256 + 2 * j) as i16 as i32, "bsums[{j}]");
                     }
                 }
             }
@@ -232,30 +171,17 @@ fn ggml_roundtrip_and_dequantize_match_candle() {
             let w = matrix(dtype, &bytes, n, k);
             assert_eq!((w.rows(), w.cols(), w.dtype()), (n, k, dtype));
             assert_eq!(w.to_ggml(), bytes, "{dtype:?} roundtrip");
-            let want: Vec<f32> = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let want: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             let mut row = vec![0f32; k + 3];
             for r in 0..n {
                 w.dequantize_row(r, &mut row).unwrap();
-                assert_eq!(
-                    bits(&row[..k]),
-                    bits(&want[r * k..(r + 1) * k]),
-                    "{dtype:?} row {r}"
-                );
+                assert_eq!(bits(&row[..k]), bits(&want[r * k..(r + 1) * k]), "{dtype:?} row {r}");
             }
             let ids = [0u32, (n - 1) as u32, 0];
             let emb = quant_embedding(&ids, &w).unwrap();
             for (i, &id) in ids.iter().enumerate() {
                 let r = id as usize;
-                assert_eq!(
-                    bits(&emb[i * k..(i + 1) * k]),
-                    bits(&want[r * k..(r + 1) * k])
-                );
+                assert_eq!(bits(&emb[i * k..(i + 1) * k]), bits(&want[r * k..(r + 1) * k]));
             }
             assert!(w.size_in_bytes() >= bytes.len());
         }
@@ -285,15 +211,7 @@ fn matmul_all_kernels_match_candle_and_reference() {
                         );
                     }
                 }
-                check_vs_dequantized(
-                    &want,
-                    &q,
-                    &x,
-                    m,
-                    n,
-                    k,
-                    &format!("{dtype:?} m={m} n={n} k={k}"),
-                );
+                check_vs_dequantized(&want, &q, &x, m, n, k, &format!("{dtype:?} m={m} n={n} k={k}"));
                 let candle = candle_matmul(q, &x, m, k);
                 let what = format!("{dtype:?} m={m} n={n} k={k}");
                 if matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_1 | GgmlDType::Q5_0) {
@@ -322,11 +240,7 @@ fn results_do_not_depend_on_batching_or_threads() {
             assert_eq!(full, bits(&run(&w, &x, m, kernel, false)));
             for i in 0..m {
                 let alone = run(&w, &x[i * k..(i + 1) * k], 1, kernel, true);
-                assert_eq!(
-                    bits(&alone),
-                    full[i * n..(i + 1) * n],
-                    "{dtype:?} {kernel:?} row {i} alone"
-                );
+                assert_eq!(bits(&alone), full[i * n..(i + 1) * n], "{dtype:?} {kernel:?} row {i} alone");
             }
             for batch in [2, 3, 5, 8, 9, 16] {
                 for start in (0..m).step_by(batch) {
@@ -343,31 +257,17 @@ fn results_do_not_depend_on_batching_or_threads() {
         // Other register blockings give the same bits too.
         let saved = (
             exec::TUNING.rows.load(std::sync::atomic::Ordering::Relaxed),
-            exec::TUNING
-                .tiles
-                .load(std::sync::atomic::Ordering::Relaxed),
+            exec::TUNING.tiles.load(std::sync::atomic::Ordering::Relaxed),
         );
         let best = Kernel::best();
         let want = bits(&run(&w, &x, m, best, true));
         for (r, t) in [(1, 1), (2, 4), (3, 2), (8, 1), (5, 3)] {
-            exec::TUNING
-                .rows
-                .store(r, std::sync::atomic::Ordering::Relaxed);
-            exec::TUNING
-                .tiles
-                .store(t, std::sync::atomic::Ordering::Relaxed);
-            assert_eq!(
-                bits(&run(&w, &x, m, best, true)),
-                want,
-                "{dtype:?} blocking {r}x{t}"
-            );
+            exec::TUNING.rows.store(r, std::sync::atomic::Ordering::Relaxed);
+            exec::TUNING.tiles.store(t, std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(bits(&run(&w, &x, m, best, true)), want, "{dtype:?} blocking {r}x{t}");
         }
-        exec::TUNING
-            .rows
-            .store(saved.0, std::sync::atomic::Ordering::Relaxed);
-        exec::TUNING
-            .tiles
-            .store(saved.1, std::sync::atomic::Ordering::Relaxed);
+        exec::TUNING.rows.store(saved.0, std::sync::atomic::Ordering::Relaxed);
+        exec::TUNING.tiles.store(saved.1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -376,10 +276,8 @@ fn concat_rows_stacks_outputs() {
     let mut rng = StdRng::seed_from_u64(5);
     for dtype in FORMATS {
         let k = ks(dtype)[1];
-        let parts: Vec<(usize, Vec<u8>)> = [20, 16, 7]
-            .into_iter()
-            .map(|n| (n, random_weights(&mut rng, dtype, n, k).1))
-            .collect();
+        let parts: Vec<(usize, Vec<u8>)> =
+            [20, 16, 7].into_iter().map(|n| (n, random_weights(&mut rng, dtype, n, k).1)).collect();
         let mats: Vec<QuantMatrix> = parts.iter().map(|(n, b)| matrix(dtype, b, *n, k)).collect();
         let fused = QuantMatrix::concat_rows(&mats.iter().collect::<Vec<_>>()).unwrap();
         assert_eq!(fused.rows(), 43);
@@ -401,66 +299,26 @@ fn concat_rows_stacks_outputs() {
         }
     }
     // Mismatches are errors.
-    let a = matrix(
-        GgmlDType::Q4_1,
-        &random_weights(&mut rng, GgmlDType::Q4_1, 4, 64).1,
-        4,
-        64,
-    );
-    let b = matrix(
-        GgmlDType::Q4_1,
-        &random_weights(&mut rng, GgmlDType::Q4_1, 4, 96).1,
-        4,
-        96,
-    );
-    let c = matrix(
-        GgmlDType::Q8_0,
-        &random_weights(&mut rng, GgmlDType::Q8_0, 4, 64).1,
-        4,
-        64,
-    );
-    assert!(matches!(
-        QuantMatrix::concat_rows(&[&a, &b]),
-        Err(QuantError::Concat(_))
-    ));
-    assert!(matches!(
-        QuantMatrix::concat_rows(&[&a, &c]),
-        Err(QuantError::Concat(_))
-    ));
-    assert!(matches!(
-        QuantMatrix::concat_rows(&[]),
-        Err(QuantError::Concat(_))
-    ));
+    let a = matrix(GgmlDType::Q4_1, &random_weights(&mut rng, GgmlDType::Q4_1, 4, 64).1, 4, 64);
+    let b = matrix(GgmlDType::Q4_1, &random_weights(&mut rng, GgmlDType::Q4_1, 4, 96).1, 4, 96);
+    let c = matrix(GgmlDType::Q8_0, &random_weights(&mut rng, GgmlDType::Q8_0, 4, 64).1, 4, 64);
+    assert!(matches!(QuantMatrix::concat_rows(&[&a, &b]), Err(QuantError::Concat(_))));
+    assert!(matches!(QuantMatrix::concat_rows(&[&a, &c]), Err(QuantError::Concat(_))));
+    assert!(matches!(QuantMatrix::concat_rows(&[]), Err(QuantError::Concat(_))));
 }
 
 #[test]
 fn bad_input_is_an_error() {
     let mut rng = StdRng::seed_from_u64(6);
     let (_, bytes) = random_weights(&mut rng, GgmlDType::Q4_1, 4, 64);
-    assert!(
-        QuantMatrix::from_ggml(GgmlDType::Q2K, &[], 1, 256)
-            .unwrap()
-            .is_none()
-    );
-    assert!(
-        QuantMatrix::from_ggml(GgmlDType::F32, &[], 1, 1)
-            .unwrap()
-            .is_none()
-    );
+    assert!(QuantMatrix::from_ggml(GgmlDType::Q2K, &[], 1, 256).unwrap().is_none());
+    assert!(QuantMatrix::from_ggml(GgmlDType::F32, &[], 1, 1).unwrap().is_none());
     let err = |r: Result<Option<QuantMatrix>, QuantError>| r.err().map(|e| e.to_string());
     assert!(err(QuantMatrix::from_ggml(GgmlDType::Q4_1, &bytes[1..], 4, 64)).is_some());
     assert!(err(QuantMatrix::from_ggml(GgmlDType::Q4_1, &bytes, 4, 60)).is_some());
     assert!(err(QuantMatrix::from_ggml(GgmlDType::Q4_1, &bytes, 0, 64)).is_some());
     assert!(err(QuantMatrix::from_ggml(GgmlDType::Q4_1, &bytes, 4, 0)).is_some());
-    assert!(
-        err(QuantMatrix::from_ggml(
-            GgmlDType::Q4_1,
-            &bytes,
-            usize::MAX,
-            64
-        ))
-        .is_some()
-    );
+    assert!(err(QuantMatrix::from_ggml(GgmlDType::Q4_1, &bytes, usize::MAX, 64)).is_some());
     let w = matrix(GgmlDType::Q4_1, &bytes, 4, 64);
     let mut y = vec![0f32; 8];
     assert!(w.matmul(&[0.0; 127], 2, &mut y).is_err());
@@ -471,15 +329,7 @@ fn bad_input_is_an_error() {
     assert!(w.dequantize_row(0, &mut [0.0; 63]).is_err());
     assert!(quant_embedding(&[4], &w).is_err());
     for kernel in [Kernel::Avx2, Kernel::Avx512Vnni] {
-        let r = w.matmul_with(
-            &[0.0; 128],
-            2,
-            &mut y,
-            MatmulOptions {
-                kernel,
-                parallel: true,
-            },
-        );
+        let r = w.matmul_with(&[0.0; 128], 2, &mut y, MatmulOptions { kernel, parallel: true });
         assert_eq!(r.is_ok(), kernel.is_available());
     }
 }
@@ -496,42 +346,20 @@ fn candle_op_matches_matmul() {
     let xt = Tensor::from_vec(x.clone(), (2, 3, k), &Device::Cpu).unwrap();
     let y = quant_matmul(&xt, &w).unwrap();
     assert_eq!(y.dims(), &[2, 3, n]);
-    assert_eq!(
-        bits(&y.flatten_all().unwrap().to_vec1::<f32>().unwrap()),
-        bits(&want)
-    );
+    assert_eq!(bits(&y.flatten_all().unwrap().to_vec1::<f32>().unwrap()), bits(&want));
     // A non-contiguous view is made contiguous first.
-    let xt_t = Tensor::from_vec(x.clone(), (6, k), &Device::Cpu)
-        .unwrap()
-        .t()
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .t()
-        .unwrap();
+    let xt_t =
+        Tensor::from_vec(x.clone(), (6, k), &Device::Cpu).unwrap().t().unwrap().contiguous().unwrap().t().unwrap();
     assert!(!xt_t.is_contiguous());
     let y = quant_matmul(&xt_t, &w).unwrap();
-    assert_eq!(
-        bits(&y.flatten_all().unwrap().to_vec1::<f32>().unwrap()),
-        bits(&want)
-    );
+    assert_eq!(bits(&y.flatten_all().unwrap().to_vec1::<f32>().unwrap()), bits(&want));
     // 1-D input.
-    let y1 = quant_matmul(
-        &Tensor::from_vec(x[..k].to_vec(), k, &Device::Cpu).unwrap(),
-        &w,
-    )
-    .unwrap();
+    let y1 = quant_matmul(&Tensor::from_vec(x[..k].to_vec(), k, &Device::Cpu).unwrap(), &w).unwrap();
     assert_eq!(y1.dims(), &[n]);
     assert_eq!(bits(&y1.to_vec1::<f32>().unwrap()), bits(&want[..n]));
     // Wrong dtype / width.
     assert!(quant_matmul(&xt.to_dtype(DType::F16).unwrap(), &w).is_err());
-    assert!(
-        quant_matmul(
-            &Tensor::zeros((2, k + 1), DType::F32, &Device::Cpu).unwrap(),
-            &w
-        )
-        .is_err()
-    );
+    assert!(quant_matmul(&Tensor::zeros((2, k + 1), DType::F32, &Device::Cpu).unwrap(), &w).is_err());
 }
 
 /// Real SmolLM2 weights, when the model file is present: Q4_1 bits equal candle's.
@@ -545,11 +373,7 @@ fn real_weights_match_candle() {
     };
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
     let mut rng = StdRng::seed_from_u64(8);
-    for name in [
-        "blk.0.attn_q.weight",
-        "blk.3.ffn_down.weight",
-        "token_embd.weight",
-    ] {
+    for name in ["blk.0.attn_q.weight", "blk.3.ffn_down.weight", "token_embd.weight"] {
         let q = content.tensor(&mut file, name, &Device::Cpu).unwrap();
         let (n, k) = q.shape().dims2().unwrap();
         let dtype = q.dtype();

@@ -98,9 +98,7 @@ pub(crate) fn hbits256(qh: __m256i, g: usize) -> (__m256i, __m256i) {
 
 /// AVX2 + FMA + F16C.
 pub(crate) fn has_avx2() -> bool {
-    is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c")
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
 }
 
 /// AVX-512 F/BW/VL/VNNI (+ the AVX2 set).
@@ -117,10 +115,7 @@ pub(crate) fn has_avx512_vnni() -> bool {
 fn block_offsets(f: Format, b: usize) -> (usize, usize) {
     let g = f.group_blocks();
     let group = (b / g) * f.group_bytes();
-    (
-        group + (b % g) * f.scale_bytes(),
-        group + g * f.scale_bytes() + (b % g) * f.quant_bytes(),
-    )
+    (group + (b % g) * f.scale_bytes(), group + g * f.scale_bytes() + (b % g) * f.quant_bytes())
 }
 
 /// Reads 4 activation quant bytes as one i32 (for broadcasting).
@@ -195,13 +190,8 @@ unsafe fn tile512<const FMT: u8, const R: usize, const T: usize>(
                     *w = _mm512_xor_si512(v, flip);
                 }
                 for (r, row) in isum.iter_mut().enumerate() {
-                    let x =
-                        _mm512_set1_epi32(unsafe { load4(xbase.add(r * stride + b * QK + 4 * g)) });
-                    let acc = if split && g % 2 == 1 {
-                        &mut isum2[r]
-                    } else {
-                        row
-                    };
+                    let x = _mm512_set1_epi32(unsafe { load4(xbase.add(r * stride + b * QK + 4 * g)) });
+                    let acc = if split && g % 2 == 1 { &mut isum2[r] } else { row };
                     for (s, w) in acc.iter_mut().zip(&w) {
                         *s = _mm512_dpbusd_epi32(*s, *w, x);
                     }
@@ -228,8 +218,7 @@ unsafe fn tile512<const FMT: u8, const R: usize, const T: usize>(
                 let mut lo = [zero; T];
                 let mut hi = [zero; T];
                 for t in 0..T {
-                    let v =
-                        unsafe { _mm512_loadu_si512(wbase.add(t * tb + qo + nib + g * 64).cast()) };
+                    let v = unsafe { _mm512_loadu_si512(wbase.add(t * tb + qo + nib + g * 64).cast()) };
                     lo[t] = _mm512_and_si512(v, low4);
                     hi[t] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low4);
                     if five {
@@ -265,9 +254,7 @@ unsafe fn tile512<const FMT: u8, const R: usize, const T: usize>(
         for t in 0..T {
             dw[t] = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(wbase.add(t * tb + so).cast()) });
             if f.has_min() {
-                mw[t] = _mm512_cvtph_ps(unsafe {
-                    _mm256_loadu_si256(wbase.add(t * tb + so + 2 * TILE).cast())
-                });
+                mw[t] = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(wbase.add(t * tb + so + 2 * TILE).cast()) });
             }
         }
         for r in 0..R {
@@ -388,13 +375,7 @@ pub(crate) unsafe fn run_avx512(
 /// # Safety
 /// AVX2, FMA, F16C are available; otherwise as [`tile512`] with `T = 1`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile256<const FMT: u8, const R: usize>(
-    p: &Packed,
-    a: &QActs,
-    r0: usize,
-    t0: usize,
-    y: &OutPtr,
-) {
+unsafe fn tile256<const FMT: u8, const R: usize>(p: &Packed, a: &QActs, r0: usize, t0: usize, y: &OutPtr) {
     let f = fmt_of(FMT);
     let nb = p.nb;
     let stride = nb * QK;
@@ -419,8 +400,7 @@ unsafe fn tile256<const FMT: u8, const R: usize>(
                     sw[h] = v;
                 }
                 for (r, row) in isum.iter_mut().enumerate() {
-                    let x =
-                        _mm256_set1_epi32(unsafe { load4(xbase.add(r * stride + b * QK + 4 * g)) });
+                    let x = _mm256_set1_epi32(unsafe { load4(xbase.add(r * stride + b * QK + 4 * g)) });
                     for h in 0..2 {
                         // |w| · (x · sign w): pairs stay below 2·128·127, no i16 saturation.
                         let pr = _mm256_maddubs_epi16(aw[h], _mm256_sign_epi8(x, sw[h]));
@@ -449,8 +429,7 @@ unsafe fn tile256<const FMT: u8, const R: usize>(
                 let mut lo = [zero; 2];
                 let mut hi = [zero; 2];
                 for h in 0..2 {
-                    let v =
-                        unsafe { _mm256_loadu_si256(wbase.add(qo + nib + g * 64 + h * 32).cast()) };
+                    let v = unsafe { _mm256_loadu_si256(wbase.add(qo + nib + g * 64 + h * 32).cast()) };
                     lo[h] = _mm256_and_si256(v, low4);
                     hi[h] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4);
                     if five {
@@ -484,9 +463,7 @@ unsafe fn tile256<const FMT: u8, const R: usize>(
         for h in 0..2 {
             dw[h] = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(wbase.add(so + 16 * h).cast()) });
             if f.has_min() {
-                mw[h] = _mm256_cvtph_ps(unsafe {
-                    _mm_loadu_si128(wbase.add(so + 2 * TILE + 16 * h).cast())
-                });
+                mw[h] = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(wbase.add(so + 2 * TILE + 16 * h).cast()) });
             }
         }
         for r in 0..R {
@@ -574,10 +551,7 @@ fn round_away512(v: __m512) -> __m512 {
     let frac = _mm512_abs_ps(_mm512_sub_ps(v, t));
     let step = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, _mm512_set1_ps(0.5));
     let sign = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(i32::MIN));
-    let one = _mm512_castsi512_ps(_mm512_or_si512(
-        _mm512_castps_si512(_mm512_set1_ps(1.0)),
-        sign,
-    ));
+    let one = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(_mm512_set1_ps(1.0)), sign));
     _mm512_mask_add_ps(t, step, t, one)
 }
 
@@ -595,12 +569,7 @@ pub(crate) unsafe fn quantize_rows_avx512(x: &[f32], kind: ActKind, mut out: Act
     }
     for (bi, xs) in x.chunks_exact(QK).enumerate() {
         // SAFETY: `xs` holds 32 floats.
-        let (v0, v1) = unsafe {
-            (
-                _mm512_loadu_ps(xs.as_ptr()),
-                _mm512_loadu_ps(xs.as_ptr().add(16)),
-            )
-        };
+        let (v0, v1) = unsafe { (_mm512_loadu_ps(xs.as_ptr()), _mm512_loadu_ps(xs.as_ptr().add(16))) };
         let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
         let d = amax / 127.0;
         let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });

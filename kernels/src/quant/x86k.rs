@@ -9,8 +9,8 @@
 use super::acts::QActs;
 use super::exec::{Blocking, OutPtr, ROW_CHUNK};
 use super::kquants::{
-    K45_D, K45_DMIN, K45_HEAD, K45_MN, K45_SC, Q4K_SUB, Q4K_TILE_BLOCK, Q5K_SUB, Q5K_TILE_BLOCK,
-    Q6K_D, Q6K_HEAD, Q6K_SC, Q6K_SUB, Q6K_TILE_BLOCK,
+    K45_D, K45_DMIN, K45_HEAD, K45_MN, K45_SC, Q4K_SUB, Q4K_TILE_BLOCK, Q5K_SUB, Q5K_TILE_BLOCK, Q6K_D, Q6K_HEAD,
+    Q6K_SC, Q6K_SUB, Q6K_TILE_BLOCK,
 };
 use super::x86::{hbits256, hbits512};
 
@@ -124,8 +124,7 @@ unsafe fn k512<const KIND: u8, const R: usize, const T: usize>(
                     for t in 0..T {
                         let at = t * tb + head + h * sub + nib + gi * 64;
                         let v = unsafe { _mm512_loadu_si512(wb.add(at).cast()) };
-                        lo[t] =
-                            _mm512_or_si512(_mm512_and_si512(v, low4), q6_high512(qh[t], 2 * gi));
+                        lo[t] = _mm512_or_si512(_mm512_and_si512(v, low4), q6_high512(qh[t], 2 * gi));
                         hi[t] = _mm512_or_si512(
                             _mm512_and_si512(_mm512_srli_epi16::<4>(v), low4),
                             q6_high512(qh[t], 2 * gi + 1),
@@ -142,12 +141,10 @@ unsafe fn k512<const KIND: u8, const R: usize, const T: usize>(
                     }
                 }
                 for t in 0..T {
-                    let sc = _mm512_cvtepi8_epi32(unsafe {
-                        _mm_loadu_si128(wb.add(t * tb + Q6K_SC + h * TILE).cast())
-                    });
+                    let sc =
+                        _mm512_cvtepi8_epi32(unsafe { _mm_loadu_si128(wb.add(t * tb + Q6K_SC + h * TILE).cast()) });
                     for r in 0..R {
-                        isum[r][t] =
-                            _mm512_add_epi32(isum[r][t], _mm512_mullo_epi32(isub[r][t], sc));
+                        isum[r][t] = _mm512_add_epi32(isum[r][t], _mm512_mullo_epi32(isub[r][t], sc));
                     }
                 }
             }
@@ -186,12 +183,10 @@ unsafe fn k512<const KIND: u8, const R: usize, const T: usize>(
                     }
                 }
                 for t in 0..T {
-                    let sc = _mm512_cvtepu8_epi32(unsafe {
-                        _mm_loadu_si128(wb.add(t * tb + K45_SC + s * TILE).cast())
-                    });
+                    let sc =
+                        _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(wb.add(t * tb + K45_SC + s * TILE).cast()) });
                     for r in 0..R {
-                        isum[r][t] =
-                            _mm512_add_epi32(isum[r][t], _mm512_mullo_epi32(isub[r][t], sc));
+                        isum[r][t] = _mm512_add_epi32(isum[r][t], _mm512_mullo_epi32(isub[r][t], sc));
                     }
                 }
             }
@@ -212,9 +207,8 @@ unsafe fn k512<const KIND: u8, const R: usize, const T: usize>(
             }
         }
         for t in 0..T {
-            let dw = _mm512_cvtph_ps(unsafe {
-                _mm256_loadu_si256(wb.add(t * tb + if q6 { Q6K_D } else { K45_D }).cast())
-            });
+            let dw =
+                _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(wb.add(t * tb + if q6 { Q6K_D } else { K45_D }).cast()) });
             let dmin = if q6 {
                 _mm512_setzero_ps()
             } else {
@@ -314,11 +308,7 @@ pub(crate) unsafe fn run_avx512(
         _ => pick512::<K_Q6>,
     };
     // SAFETY: forwarded from this function's contract; `walk` keeps (rn, tn) supported.
-    unsafe {
-        walk(rows, tiles, blocking, 4, |rn, tn, r, t| {
-            pick(rn, tn)(p, a, r, t, y)
-        })
-    };
+    unsafe { walk(rows, tiles, blocking, 4, |rn, tn, r, t| pick(rn, tn)(p, a, r, t, y)) };
 }
 
 // ---------------------------------------------------------------------------------------
@@ -342,13 +332,7 @@ fn q6_high256(qh: __m256i, c: usize) -> __m256i {
 /// # Safety
 /// AVX2, FMA, F16C are available; otherwise as [`k512`] with `T = 1`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k256<const KIND: u8, const R: usize>(
-    p: &Packed,
-    a: &QActs,
-    r0: usize,
-    t0: usize,
-    y: &OutPtr,
-) {
+unsafe fn k256<const KIND: u8, const R: usize>(p: &Packed, a: &QActs, r0: usize, t0: usize, y: &OutPtr) {
     let nb = p.nb;
     let stride = nb * QK_K;
     let low4 = _mm256_set1_epi8(0x0F);
@@ -382,8 +366,7 @@ unsafe fn k256<const KIND: u8, const R: usize>(
                     for hh in 0..2 {
                         let at = head + h * sub + nib + gi * 64 + hh * 32;
                         let v = unsafe { _mm256_loadu_si256(wb.add(at).cast()) };
-                        lo[hh] =
-                            _mm256_or_si256(_mm256_and_si256(v, low4), q6_high256(qh[hh], 2 * gi));
+                        lo[hh] = _mm256_or_si256(_mm256_and_si256(v, low4), q6_high256(qh[hh], 2 * gi));
                         hi[hh] = _mm256_or_si256(
                             _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4),
                             q6_high256(qh[hh], 2 * gi + 1),
@@ -395,21 +378,17 @@ unsafe fn k256<const KIND: u8, const R: usize>(
                         let xh = _mm256_set1_epi32(unsafe { load4(xp.add(4)) });
                         for hh in 0..2 {
                             // Pairs ≤ 2·63·128: two of them still fit in i16.
-                            let pr = _mm256_add_epi16(
-                                _mm256_maddubs_epi16(lo[hh], xl),
-                                _mm256_maddubs_epi16(hi[hh], xh),
-                            );
+                            let pr =
+                                _mm256_add_epi16(_mm256_maddubs_epi16(lo[hh], xl), _mm256_maddubs_epi16(hi[hh], xh));
                             row[hh] = _mm256_add_epi32(row[hh], _mm256_madd_epi16(pr, ones));
                         }
                     }
                 }
                 for hh in 0..2 {
-                    let sc = _mm256_cvtepi8_epi32(unsafe {
-                        _mm_loadl_epi64(wb.add(Q6K_SC + h * TILE + hh * 8).cast())
-                    });
+                    let sc =
+                        _mm256_cvtepi8_epi32(unsafe { _mm_loadl_epi64(wb.add(Q6K_SC + h * TILE + hh * 8).cast()) });
                     for r in 0..R {
-                        isum[r][hh] =
-                            _mm256_add_epi32(isum[r][hh], _mm256_mullo_epi32(isub[r][hh], sc));
+                        isum[r][hh] = _mm256_add_epi32(isum[r][hh], _mm256_mullo_epi32(isub[r][hh], sc));
                     }
                 }
             }
@@ -422,8 +401,7 @@ unsafe fn k256<const KIND: u8, const R: usize>(
                 let mut qh = [zero; 2];
                 if KIND == K_Q5 {
                     for (hh, qh) in qh.iter_mut().enumerate() {
-                        *qh =
-                            unsafe { _mm256_loadu_si256(wb.add(head + s * sub + hh * 32).cast()) };
+                        *qh = unsafe { _mm256_loadu_si256(wb.add(head + s * sub + hh * 32).cast()) };
                     }
                 }
                 for gi in 0..4 {
@@ -461,12 +439,10 @@ unsafe fn k256<const KIND: u8, const R: usize>(
                     }
                 }
                 for hh in 0..2 {
-                    let sc = _mm256_cvtepu8_epi32(unsafe {
-                        _mm_loadl_epi64(wb.add(K45_SC + s * TILE + hh * 8).cast())
-                    });
+                    let sc =
+                        _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(wb.add(K45_SC + s * TILE + hh * 8).cast()) });
                     for r in 0..R {
-                        isum[r][hh] =
-                            _mm256_add_epi32(isum[r][hh], _mm256_mullo_epi32(isub[r][hh], sc));
+                        isum[r][hh] = _mm256_add_epi32(isum[r][hh], _mm256_mullo_epi32(isub[r][hh], sc));
                     }
                 }
             }
@@ -487,9 +463,8 @@ unsafe fn k256<const KIND: u8, const R: usize>(
             }
         }
         for hh in 0..2 {
-            let dw = _mm256_cvtph_ps(unsafe {
-                _mm_loadu_si128(wb.add(if q6 { Q6K_D } else { K45_D } + hh * 16).cast())
-            });
+            let dw =
+                _mm256_cvtph_ps(unsafe { _mm_loadu_si128(wb.add(if q6 { Q6K_D } else { K45_D } + hh * 16).cast()) });
             let dmin = if q6 {
                 _mm256_setzero_ps()
             } else {
@@ -529,10 +504,7 @@ pub(crate) unsafe fn run_avx2(
     y: &OutPtr,
     blocking: Blocking,
 ) {
-    let one_tile = Blocking {
-        rows: blocking.rows,
-        tiles: 1,
-    };
+    let one_tile = Blocking { rows: blocking.rows, tiles: 1 };
     let call = |rn: usize, _tn: usize, r: usize, t: usize| {
         let f: TileFn = match (p.format, rn) {
             (Format::Q4K, 1) => k256::<K_Q4, 1>,

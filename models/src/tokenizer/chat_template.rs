@@ -21,10 +21,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
+        Self { role: role.into(), content: content.into() }
     }
     pub fn system(content: impl Into<String>) -> Self {
         Self::new("system", content)
@@ -66,11 +63,7 @@ impl std::fmt::Debug for ChatTemplate {
 
 impl ChatTemplate {
     /// Compiles `source`; a syntax error is reported with its line.
-    pub fn new(
-        source: &str,
-        bos_token: Option<&str>,
-        eos_token: Option<&str>,
-    ) -> Result<Self, TokenizerError> {
+    pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self, TokenizerError> {
         let mut env = Environment::new();
         let syntax = minijinja::syntax::SyntaxConfig::builder()
             .trim_blocks(true)
@@ -81,8 +74,7 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(TEMPLATE_NAME, source.to_string())
-            .map_err(|e| template_error(&e, true))?;
+        env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(|e| template_error(&e, true))?;
         Ok(Self {
             source: source.to_string(),
             env,
@@ -103,40 +95,19 @@ impl ChatTemplate {
 
     /// The template used when a model ships none: ChatML when the vocabulary knows
     /// `<|im_start|>` (the model was most likely tuned on it), else a plain transcript.
-    pub fn fallback(
-        vocab_has_im_start: bool,
-        bos_token: Option<&str>,
-        eos_token: Option<&str>,
-    ) -> Self {
-        if vocab_has_im_start {
-            Self::chatml(bos_token, eos_token)
-        } else {
-            Self::plain(bos_token, eos_token)
-        }
+    pub fn fallback(vocab_has_im_start: bool, bos_token: Option<&str>, eos_token: Option<&str>) -> Self {
+        if vocab_has_im_start { Self::chatml(bos_token, eos_token) } else { Self::plain(bos_token, eos_token) }
     }
 
     /// Renders the conversation; `add_generation_prompt` appends the header that makes the
     /// model answer as the assistant.
-    pub fn render(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String, TokenizerError> {
-        let template = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| template_error(&e, false))?;
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TokenizerError> {
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| template_error(&e, false))?;
         // Absent special tokens stay undefined (render as ""), as in transformers, rather
         // than `none`.
         let mut ctx = std::collections::BTreeMap::new();
-        ctx.insert(
-            Value::from("messages"),
-            Value::from(minijinja::value::Serde(messages)),
-        );
-        ctx.insert(
-            Value::from("add_generation_prompt"),
-            Value::from(add_generation_prompt),
-        );
+        ctx.insert(Value::from("messages"), Value::from(minijinja::value::Serde(messages)));
+        ctx.insert(Value::from("add_generation_prompt"), Value::from(add_generation_prompt));
         ctx.insert(Value::from("tools"), Value::from(()));
         if let Some(bos) = &self.bos_token {
             ctx.insert(Value::from("bos_token"), Value::from(bos.as_str()));
@@ -144,9 +115,7 @@ impl ChatTemplate {
         if let Some(eos) = &self.eos_token {
             ctx.insert(Value::from("eos_token"), Value::from(eos.as_str()));
         }
-        template
-            .render(Value::from(ctx))
-            .map_err(|e| template_error(&e, false))
+        template.render(Value::from(ctx)).map_err(|e| template_error(&e, false))
     }
 
     pub fn source(&self) -> &str {
@@ -174,15 +143,9 @@ fn template_error(err: &Error, compile: bool) -> TokenizerError {
         source = cause.source();
     }
     if compile {
-        TokenizerError::TemplateSyntax {
-            line: err.line(),
-            message,
-        }
+        TokenizerError::TemplateSyntax { line: err.line(), message }
     } else {
-        TokenizerError::TemplateRender {
-            line: err.line(),
-            message,
-        }
+        TokenizerError::TemplateRender { line: err.line(), message }
     }
 }
 
@@ -203,16 +166,15 @@ fn tojson(_state: &State, value: &Value, args: Kwargs) -> Result<Value, Error> {
     args.assert_all_used()?;
     let mut out = Vec::new();
     let result = if sort_keys == Some(true) {
-        let sorted: serde_json::Value = serde_json::to_value(value)
-            .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+        let sorted: serde_json::Value =
+            serde_json::to_value(value).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
         // serde_json's Map without `preserve_order` is a BTreeMap: sorted keys.
         write_json(&mut out, &sort_json(sorted), indent)
     } else {
         write_json(&mut out, value, indent)
     };
     result.map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
-    let text = String::from_utf8(out)
-        .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let text = String::from_utf8(out).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
     Ok(Value::from_safe_string(text))
 }
 
@@ -221,16 +183,9 @@ fn sort_json(value: serde_json::Value) -> serde_json::Value {
         serde_json::Value::Object(map) => {
             let mut entries: Vec<_> = map.into_iter().collect();
             entries.sort_by(|a, b| a.0.cmp(&b.0));
-            serde_json::Value::Object(
-                entries
-                    .into_iter()
-                    .map(|(k, v)| (k, sort_json(v)))
-                    .collect(),
-            )
+            serde_json::Value::Object(entries.into_iter().map(|(k, v)| (k, sort_json(v))).collect())
         }
-        serde_json::Value::Array(items) => {
-            serde_json::Value::Array(items.into_iter().map(sort_json).collect())
-        }
+        serde_json::Value::Array(items) => serde_json::Value::Array(items.into_iter().map(sort_json).collect()),
         other => other,
     }
 }
@@ -246,10 +201,7 @@ fn write_json<T: Serialize + ?Sized>(
             let formatter = serde_json::ser::PrettyFormatter::with_indent(&pad);
             value.serialize(&mut serde_json::Serializer::with_formatter(out, formatter))
         }
-        None => value.serialize(&mut serde_json::Serializer::with_formatter(
-            out,
-            PythonCompactFormatter,
-        )),
+        None => value.serialize(&mut serde_json::Serializer::with_formatter(out, PythonCompactFormatter)),
     }
 }
 
@@ -257,34 +209,15 @@ fn write_json<T: Serialize + ?Sized>(
 struct PythonCompactFormatter;
 
 impl serde_json::ser::Formatter for PythonCompactFormatter {
-    fn begin_array_value<W: ?Sized + std::io::Write>(
-        &mut self,
-        writer: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
+    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, first: bool) -> std::io::Result<()> {
+        if first { Ok(()) } else { writer.write_all(b", ") }
     }
 
-    fn begin_object_key<W: ?Sized + std::io::Write>(
-        &mut self,
-        writer: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
+    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, first: bool) -> std::io::Result<()> {
+        if first { Ok(()) } else { writer.write_all(b", ") }
     }
 
-    fn begin_object_value<W: ?Sized + std::io::Write>(
-        &mut self,
-        writer: &mut W,
-    ) -> std::io::Result<()> {
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
         writer.write_all(b": ")
     }
 }
@@ -388,10 +321,7 @@ mod tests {
     #[test]
     fn llama3_renders_like_transformers() {
         let t = ChatTemplate::new(LLAMA3, Some("<|begin_of_text|>"), Some("<|eot_id|>")).unwrap();
-        let msgs = [
-            ChatMessage::system("  Be brief.  "),
-            ChatMessage::user("Hello\n"),
-        ];
+        let msgs = [ChatMessage::system("  Be brief.  "), ChatMessage::user("Hello\n")];
         assert_eq!(
             t.render(&msgs, true).unwrap(),
             "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>\
@@ -402,37 +332,25 @@ mod tests {
 
     #[test]
     fn deepseek_r1_renders_like_transformers() {
-        let t = ChatTemplate::new(
-            DEEPSEEK_R1,
-            Some("<｜begin▁of▁sentence｜>"),
-            Some("<｜end▁of▁sentence｜>"),
-        )
-        .unwrap();
+        let t = ChatTemplate::new(DEEPSEEK_R1, Some("<｜begin▁of▁sentence｜>"), Some("<｜end▁of▁sentence｜>")).unwrap();
         assert_eq!(
             t.render(&conversation(), true).unwrap(),
             "<｜begin▁of▁sentence｜>You are terse.<｜User｜>Hi!\
              <｜Assistant｜>\n\nHello.<｜end▁of▁sentence｜>\
              <｜User｜>What is 2+2?<｜Assistant｜><think>\n"
         );
-        assert_eq!(
-            t.render(&[ChatMessage::user("x")], false).unwrap(),
-            "<｜begin▁of▁sentence｜><｜User｜>x"
-        );
+        assert_eq!(t.render(&[ChatMessage::user("x")], false).unwrap(), "<｜begin▁of▁sentence｜><｜User｜>x");
     }
 
     #[test]
     fn fallbacks() {
         let msgs = [ChatMessage::system("S"), ChatMessage::user("U")];
         assert_eq!(
-            ChatTemplate::fallback(true, None, None)
-                .render(&msgs, true)
-                .unwrap(),
+            ChatTemplate::fallback(true, None, None).render(&msgs, true).unwrap(),
             "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
         );
         assert_eq!(
-            ChatTemplate::fallback(false, None, None)
-                .render(&msgs, true)
-                .unwrap(),
+            ChatTemplate::fallback(false, None, None).render(&msgs, true).unwrap(),
             "System: S\nUser: U\nAssistant:"
         );
     }
@@ -461,10 +379,7 @@ mod tests {
         .unwrap();
         let err = t.render(&[ChatMessage::assistant("x")], false).unwrap_err();
         let text = err.to_string();
-        assert!(
-            matches!(err, TokenizerError::TemplateRender { .. }),
-            "{text}"
-        );
+        assert!(matches!(err, TokenizerError::TemplateRender { .. }), "{text}");
         assert!(text.contains("Conversation roles must alternate"), "{text}");
         assert_eq!(t.render(&[ChatMessage::user("x")], false).unwrap(), "ok");
     }

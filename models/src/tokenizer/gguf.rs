@@ -83,11 +83,7 @@ pub(crate) fn build(content: &Content) -> Result<Parts, TokenizerError> {
             values
                 .iter()
                 .take(n)
-                .map(|v| {
-                    as_i64(v)
-                        .map(TokenType::from_raw)
-                        .ok_or_else(|| wrong(KEY_TYPES, "an array of integers", v))
-                })
+                .map(|v| as_i64(v).map(TokenType::from_raw).ok_or_else(|| wrong(KEY_TYPES, "an array of integers", v)))
                 .collect::<Result<_, _>>()?
         }
     };
@@ -101,11 +97,7 @@ pub(crate) fn build(content: &Content) -> Result<Parts, TokenizerError> {
         }
     }
 
-    let vocab: Vocab = tokens
-        .iter()
-        .enumerate()
-        .map(|(id, t)| (t.clone(), id as u32))
-        .collect();
+    let vocab: Vocab = tokens.iter().enumerate().map(|(id, t)| (t.clone(), id as u32)).collect();
 
     let special_id = |key: &str| -> Result<Option<u32>, TokenizerError> {
         let Some(id) = get_u32(md, key)? else {
@@ -114,12 +106,7 @@ pub(crate) fn build(content: &Content) -> Result<Parts, TokenizerError> {
         if (id as usize) < n {
             Ok(Some(id))
         } else {
-            tracing::warn!(
-                key,
-                id,
-                vocab_size = n,
-                "special token id outside the vocabulary, ignored"
-            );
+            tracing::warn!(key, id, vocab_size = n, "special token id outside the vocabulary, ignored");
             Ok(None)
         }
     };
@@ -143,26 +130,16 @@ pub(crate) fn build(content: &Content) -> Result<Parts, TokenizerError> {
             let merges = merges(md, &vocab)?;
             let pipeline = byte_pipeline(pre)?;
             add_bos_default = pipeline.add_bos_default;
-            let model = BPE::builder()
-                .vocab_and_merges(vocab.clone(), merges)
-                .ignore_merges(pipeline.ignore_merges)
-                .build()?;
+            let model =
+                BPE::builder().vocab_and_merges(vocab.clone(), merges).ignore_merges(pipeline.ignore_merges).build()?;
             let decoder: DecoderWrapper = ByteLevelDecoder::new(false, false, false).into();
-            (
-                model,
-                pipeline.normalizer,
-                Some(pipeline.pre_tokenizer),
-                decoder,
-            )
+            (model, pipeline.normalizer, Some(pipeline.pre_tokenizer), decoder)
         }
         Kind::Spm => {
             let scores = scores(md, n)?;
             let add_space_prefix = get_bool(md, KEY_ADD_SPACE_PREFIX)?.unwrap_or(true);
             let merges = spm_merges(&tokens, &scores, &vocab);
-            let mut builder = BPE::builder()
-                .vocab_and_merges(vocab.clone(), merges)
-                .byte_fallback(true)
-                .fuse_unk(true);
+            let mut builder = BPE::builder().vocab_and_merges(vocab.clone(), merges).byte_fallback(true).fuse_unk(true);
             if let Some(unk) = unk {
                 builder = builder.unk_token(tokens[unk as usize].clone());
             }
@@ -172,9 +149,7 @@ pub(crate) fn build(content: &Content) -> Result<Parts, TokenizerError> {
         }
         Kind::RawBpe => {
             let merges = merges(md, &vocab)?;
-            let mut builder = BPE::builder()
-                .vocab_and_merges(vocab.clone(), merges)
-                .byte_fallback(true);
+            let mut builder = BPE::builder().vocab_and_merges(vocab.clone(), merges).byte_fallback(true);
             if let Some(unk) = unk {
                 builder = builder.unk_token(tokens[unk as usize].clone());
             }
@@ -199,9 +174,7 @@ pub(crate) fn build(content: &Content) -> Result<Parts, TokenizerError> {
             TokenType::Control | TokenType::Unknown => {
                 specials.push(AddedToken::from(token.clone(), true).normalized(false))
             }
-            TokenType::UserDefined => {
-                user_defined.push(AddedToken::from(token.clone(), false).normalized(false))
-            }
+            TokenType::UserDefined => user_defined.push(AddedToken::from(token.clone(), false).normalized(false)),
             _ => {}
         }
     }
@@ -215,40 +188,21 @@ pub(crate) fn build(content: &Content) -> Result<Parts, TokenizerError> {
     let add_bos = get_bool(md, KEY_ADD_BOS)?.unwrap_or(add_bos_default);
     let add_eos = get_bool(md, KEY_ADD_EOS)?.unwrap_or(false);
     if add_bos && bos.is_none() {
-        return Err(TokenizerError::MissingSpecialToken {
-            flag: KEY_ADD_BOS,
-            what: "BOS",
-        });
+        return Err(TokenizerError::MissingSpecialToken { flag: KEY_ADD_BOS, what: "BOS" });
     }
     if add_eos && eos.is_none() {
-        return Err(TokenizerError::MissingSpecialToken {
-            flag: KEY_ADD_EOS,
-            what: "EOS",
-        });
+        return Err(TokenizerError::MissingSpecialToken { flag: KEY_ADD_EOS, what: "EOS" });
     }
     // So that `inner().encode(text, true)` agrees with `ModelTokenizer::encode`.
     if let Some(processor) = template_processor(
-        add_bos
-            .then(|| bos.map(|id| (tokens[id as usize].as_str(), id)))
-            .flatten(),
-        add_eos
-            .then(|| eos.map(|id| (tokens[id as usize].as_str(), id)))
-            .flatten(),
+        add_bos.then(|| bos.map(|id| (tokens[id as usize].as_str(), id))).flatten(),
+        add_eos.then(|| eos.map(|id| (tokens[id as usize].as_str(), id))).flatten(),
     ) {
         tokenizer.with_post_processor(Some(processor));
     }
 
-    let is_control = |id: u32| {
-        matches!(
-            types.get(id as usize),
-            Some(TokenType::Control | TokenType::UserDefined)
-        )
-    };
-    let stop_ids = collect_stop_ids(
-        &tokenizer,
-        [eos, eot, eom].into_iter().flatten(),
-        is_control,
-    );
+    let is_control = |id: u32| matches!(types.get(id as usize), Some(TokenType::Control | TokenType::UserDefined));
+    let stop_ids = collect_stop_ids(&tokenizer, [eos, eot, eom].into_iter().flatten(), is_control);
 
     let bos_text = bos.map(|id| tokens[id as usize].as_str());
     let eos_text = eos.map(|id| tokens[id as usize].as_str());
@@ -257,15 +211,7 @@ pub(crate) fn build(content: &Content) -> Result<Parts, TokenizerError> {
         None => ChatTemplate::fallback(vocab.contains_key("<|im_start|>"), bos_text, eos_text),
     };
 
-    Ok(Parts {
-        tokenizer,
-        bos,
-        eos,
-        add_bos,
-        add_eos,
-        stop_ids,
-        chat_template,
-    })
+    Ok(Parts { tokenizer, bos, eos, add_bos, add_eos, stop_ids, chat_template })
 }
 
 /// `tokenizer.ggml.tokens`, with llama.cpp's checks: empty entries get a placeholder,
@@ -286,11 +232,7 @@ fn vocabulary(md: &HashMap<String, Value>) -> Result<Vec<String>, TokenizerError
             return Err(wrong(KEY_TOKENS, "an array of strings", v));
         };
         if let Some(&first) = seen.get(s.as_str()) {
-            return Err(TokenizerError::DuplicateToken {
-                token: s.clone(),
-                first,
-                second: id as u32,
-            });
+            return Err(TokenizerError::DuplicateToken { token: s.clone(), first, second: id as u32 });
         }
         seen.insert(s.as_str(), id as u32);
         if s.is_empty() {
@@ -306,10 +248,7 @@ fn vocabulary(md: &HashMap<String, Value>) -> Result<Vec<String>, TokenizerError
 /// `tokenizer.ggml.merges` ("left right", split at the first space after the first byte as
 /// llama.cpp does). Merges naming tokens absent from the vocabulary can never fire; they are
 /// dropped (with a warning) instead of failing the load.
-fn merges(
-    md: &HashMap<String, Value>,
-    vocab: &Vocab,
-) -> Result<Vec<(String, String)>, TokenizerError> {
+fn merges(md: &HashMap<String, Value>, vocab: &Vocab) -> Result<Vec<(String, String)>, TokenizerError> {
     let values = get_array(md, KEY_MERGES)?.ok_or_else(|| missing(KEY_MERGES))?;
     let mut merges = Vec::with_capacity(values.len());
     let mut dropped = 0usize;
@@ -317,16 +256,9 @@ fn merges(
         let Value::String(merge) = v else {
             return Err(wrong(KEY_MERGES, "an array of strings", v));
         };
-        let split = merge
-            .char_indices()
-            .skip(1)
-            .find(|&(_, c)| c == ' ')
-            .map(|(i, _)| i);
+        let split = merge.char_indices().skip(1).find(|&(_, c)| c == ' ').map(|(i, _)| i);
         let Some(pos) = split.filter(|&p| p + 1 < merge.len()) else {
-            return Err(TokenizerError::MalformedMerge {
-                index,
-                merge: merge.clone(),
-            });
+            return Err(TokenizerError::MalformedMerge { index, merge: merge.clone() });
         };
         let (left, right) = (&merge[..pos], &merge[pos + 1..]);
         let merged = format!("{left}{right}");
@@ -337,10 +269,7 @@ fn merges(
         }
     }
     if dropped > 0 {
-        tracing::warn!(
-            dropped,
-            "merges referring to tokens outside the vocabulary were ignored"
-        );
+        tracing::warn!(dropped, "merges referring to tokens outside the vocabulary were ignored");
     }
     Ok(merges)
 }
@@ -355,9 +284,7 @@ fn scores(md: &HashMap<String, Value>, n: usize) -> Result<Vec<f32>, TokenizerEr
         .map(|v| match v {
             Value::F32(f) => Ok(*f),
             Value::F64(f) => Ok(*f as f32),
-            other => as_i64(other)
-                .map(|i| i as f32)
-                .ok_or_else(|| wrong(KEY_SCORES, "an array of numbers", other)),
+            other => as_i64(other).map(|i| i as f32).ok_or_else(|| wrong(KEY_SCORES, "an array of numbers", other)),
         })
         .collect()
 }
@@ -366,11 +293,7 @@ fn scores(md: &HashMap<String, Value>, n: usize) -> Result<Vec<f32>, TokenizerEr
 /// (`SentencePieceExtractor`): every split of a piece into two vocabulary pieces is a merge,
 /// ranked by the merged piece's score (highest first, ties in vocabulary order). Merging
 /// the best-scoring pair first is exactly SentencePiece BPE (and llama.cpp's) algorithm.
-pub(crate) fn spm_merges(
-    tokens: &[String],
-    scores: &[f32],
-    vocab: &Vocab,
-) -> Vec<(String, String)> {
+pub(crate) fn spm_merges(tokens: &[String], scores: &[f32], vocab: &Vocab) -> Vec<(String, String)> {
     let mut ranked: Vec<(f32, u32, u32, String, String)> = Vec::new();
     let mut local = Vec::new();
     for (piece, &score) in tokens.iter().zip(scores) {
@@ -391,20 +314,15 @@ pub(crate) fn spm_merges(
 
 /// SentencePiece text handling: spaces become `▁` (plus one in front of the text when the
 /// model adds a space prefix), and decoding undoes it, turning `<0xNN>` pieces into bytes.
-fn spm_text_handling(
-    add_space_prefix: bool,
-) -> Result<(NormalizerWrapper, DecoderWrapper), TokenizerError> {
+fn spm_text_handling(add_space_prefix: bool) -> Result<(NormalizerWrapper, DecoderWrapper), TokenizerError> {
     let replace = Replace::new(" ", "▁")?;
     let normalizer: NormalizerWrapper = if add_space_prefix {
         NormalizerSequence::new(vec![Prepend::new("▁".to_string()).into(), replace.into()]).into()
     } else {
         replace.into()
     };
-    let mut decoders: Vec<DecoderWrapper> = vec![
-        Replace::new("▁", " ")?.into(),
-        ByteFallback::new().into(),
-        Fuse::new().into(),
-    ];
+    let mut decoders: Vec<DecoderWrapper> =
+        vec![Replace::new("▁", " ")?.into(), ByteFallback::new().into(), Fuse::new().into()];
     if add_space_prefix {
         decoders.push(Strip::new(' ', 1, 0).into());
     }
@@ -412,19 +330,12 @@ fn spm_text_handling(
 }
 
 /// A post-processor adding BOS/EOS, when their texts can be written in a template.
-fn template_processor(
-    bos: Option<(&str, u32)>,
-    eos: Option<(&str, u32)>,
-) -> Option<TemplateProcessing> {
+fn template_processor(bos: Option<(&str, u32)>, eos: Option<(&str, u32)>) -> Option<TemplateProcessing> {
     if bos.is_none() && eos.is_none() {
         return None;
     }
     // Template pieces are parsed as `TEXT:TYPE_ID`; a colon in the text would be misread.
-    if bos
-        .iter()
-        .chain(eos.iter())
-        .any(|(t, _)| t.contains(':') || t.starts_with('$'))
-    {
+    if bos.iter().chain(eos.iter()).any(|(t, _)| t.contains(':') || t.starts_with('$')) {
         return None;
     }
     let mut single = Vec::new();
@@ -452,14 +363,7 @@ fn template_processor(
             }
         }
     }
-    TemplateProcessing::builder()
-        .try_single(single)
-        .ok()?
-        .try_pair(pair)
-        .ok()?
-        .special_tokens(specials)
-        .build()
-        .ok()
+    TemplateProcessing::builder().try_single(single).ok()?.try_pair(pair).ok()?.special_tokens(specials).build().ok()
 }
 
 /// The default chat template: `tokenizer.chat_template`, else the one named in
@@ -477,11 +381,7 @@ fn missing(key: &str) -> TokenizerError {
 
 fn check_len(key: &str, found: usize, expected: usize) -> Result<(), TokenizerError> {
     if found < expected {
-        return Err(TokenizerError::LengthMismatch {
-            key: key.to_string(),
-            expected,
-            found,
-        });
+        return Err(TokenizerError::LengthMismatch { key: key.to_string(), expected, found });
     }
     Ok(())
 }
@@ -508,11 +408,7 @@ fn type_name(v: &Value) -> String {
 }
 
 fn wrong(key: &str, expected: &'static str, found: &Value) -> TokenizerError {
-    TokenizerError::WrongType {
-        key: key.to_string(),
-        expected,
-        found: type_name(found),
-    }
+    TokenizerError::WrongType { key: key.to_string(), expected, found: type_name(found) }
 }
 
 fn as_i64(v: &Value) -> Option<i64> {
@@ -529,10 +425,7 @@ fn as_i64(v: &Value) -> Option<i64> {
     })
 }
 
-fn get_str<'a>(
-    md: &'a HashMap<String, Value>,
-    key: &str,
-) -> Result<Option<&'a str>, TokenizerError> {
+fn get_str<'a>(md: &'a HashMap<String, Value>, key: &str) -> Result<Option<&'a str>, TokenizerError> {
     match md.get(key) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -544,9 +437,7 @@ fn get_bool(md: &HashMap<String, Value>, key: &str) -> Result<Option<bool>, Toke
     match md.get(key) {
         None => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(v) => as_i64(v)
-            .map(|i| Some(i != 0))
-            .ok_or_else(|| wrong(key, "a bool", v)),
+        Some(v) => as_i64(v).map(|i| Some(i != 0)).ok_or_else(|| wrong(key, "a bool", v)),
     }
 }
 
@@ -561,10 +452,7 @@ fn get_u32(md: &HashMap<String, Value>, key: &str) -> Result<Option<u32>, Tokeni
     }
 }
 
-fn get_array<'a>(
-    md: &'a HashMap<String, Value>,
-    key: &str,
-) -> Result<Option<&'a [Value]>, TokenizerError> {
+fn get_array<'a>(md: &'a HashMap<String, Value>, key: &str) -> Result<Option<&'a [Value]>, TokenizerError> {
     match md.get(key) {
         None => Ok(None),
         Some(Value::Array(a)) => Ok(Some(a)),

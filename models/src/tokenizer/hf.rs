@@ -15,14 +15,10 @@ pub(crate) fn build(
     tokenizer_config: Option<&Path>,
     generation_config: Option<&Path>,
 ) -> Result<Parts, TokenizerError> {
-    let bytes = std::fs::read(tokenizer_json).map_err(|source| TokenizerError::Io {
-        path: tokenizer_json.to_path_buf(),
-        source,
-    })?;
-    let tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| TokenizerError::Config {
-        path: tokenizer_json.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let bytes = std::fs::read(tokenizer_json)
+        .map_err(|source| TokenizerError::Io { path: tokenizer_json.to_path_buf(), source })?;
+    let tokenizer = Tokenizer::from_bytes(&bytes)
+        .map_err(|e| TokenizerError::Config { path: tokenizer_json.to_path_buf(), message: e.to_string() })?;
     let vocab_size = tokenizer.get_vocab_size(true);
     let config = tokenizer_config.map(read_json).transpose()?;
     let generation = generation_config.map(read_json).transpose()?;
@@ -38,11 +34,7 @@ pub(crate) fn build(
         if (id as usize) < vocab_size {
             Some(id)
         } else {
-            tracing::warn!(
-                id,
-                vocab_size,
-                "generation_config token id outside the vocabulary, ignored"
-            );
+            tracing::warn!(id, vocab_size, "generation_config token id outside the vocabulary, ignored");
             None
         }
     };
@@ -59,38 +51,21 @@ pub(crate) fn build(
 
     let bos_text = token_field("bos_token");
     let eos_text = token_field("eos_token");
-    let bos = bos_text
-        .as_deref()
-        .and_then(|t| tokenizer.token_to_id(t))
-        .or_else(|| gen_ids("bos_token_id").first().copied());
+    let bos =
+        bos_text.as_deref().and_then(|t| tokenizer.token_to_id(t)).or_else(|| gen_ids("bos_token_id").first().copied());
     let gen_eos = gen_ids("eos_token_id");
-    let eos = eos_text
-        .as_deref()
-        .and_then(|t| tokenizer.token_to_id(t))
-        .or_else(|| gen_eos.first().copied());
+    let eos = eos_text.as_deref().and_then(|t| tokenizer.token_to_id(t)).or_else(|| gen_eos.first().copied());
 
     // tokenizer_config's flags win; otherwise see what tokenizer.json's post-processor does.
-    let flag = |name: &str| {
-        config
-            .as_ref()
-            .and_then(|c| c.get(name))
-            .and_then(Json::as_bool)
-    };
+    let flag = |name: &str| config.as_ref().and_then(|c| c.get(name)).and_then(Json::as_bool);
     let (probe_bos, probe_eos) = probe_post_processor(&tokenizer, bos, eos)?;
     let add_bos = flag("add_bos_token").unwrap_or(probe_bos) && bos.is_some();
     let add_eos = flag("add_eos_token").unwrap_or(probe_eos) && eos.is_some();
 
-    let special: HashSet<u32> = tokenizer
-        .get_added_tokens_decoder()
-        .into_iter()
-        .filter(|(_, t)| t.special)
-        .map(|(id, _)| id)
-        .collect();
-    let stop_ids = collect_stop_ids(
-        &tokenizer,
-        eos.into_iter().chain(gen_eos.iter().copied()),
-        |id| special.contains(&id),
-    );
+    let special: HashSet<u32> =
+        tokenizer.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect();
+    let stop_ids =
+        collect_stop_ids(&tokenizer, eos.into_iter().chain(gen_eos.iter().copied()), |id| special.contains(&id));
 
     let bos_str = bos_text.or_else(|| bos.and_then(|id| tokenizer.id_to_token(id)));
     let eos_str = eos_text.or_else(|| eos.and_then(|id| tokenizer.id_to_token(id)));
@@ -108,31 +83,15 @@ pub(crate) fn build(
         ),
     };
 
-    Ok(Parts {
-        tokenizer,
-        bos,
-        eos,
-        add_bos,
-        add_eos,
-        stop_ids,
-        chat_template,
-    })
+    Ok(Parts { tokenizer, bos, eos, add_bos, add_eos, stop_ids, chat_template })
 }
 
 fn read_json(path: &Path) -> Result<Json, TokenizerError> {
-    let bytes = std::fs::read(path).map_err(|source| TokenizerError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let value: Json = serde_json::from_slice(&bytes).map_err(|e| TokenizerError::Config {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let bytes = std::fs::read(path).map_err(|source| TokenizerError::Io { path: path.to_path_buf(), source })?;
+    let value: Json = serde_json::from_slice(&bytes)
+        .map_err(|e| TokenizerError::Config { path: path.to_path_buf(), message: e.to_string() })?;
     if !value.is_object() {
-        return Err(TokenizerError::Config {
-            path: path.to_path_buf(),
-            message: "expected a JSON object".to_string(),
-        });
+        return Err(TokenizerError::Config { path: path.to_path_buf(), message: "expected a JSON object".to_string() });
     }
     Ok(value)
 }

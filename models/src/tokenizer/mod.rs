@@ -45,36 +45,19 @@ pub enum TokenizerError {
     #[error("GGUF metadata key `{0}` is missing")]
     MissingKey(String),
     #[error("GGUF metadata key `{key}` should be {expected}, found {found}")]
-    WrongType {
-        key: String,
-        expected: &'static str,
-        found: String,
-    },
+    WrongType { key: String, expected: &'static str, found: String },
     #[error("GGUF metadata key `{key}` has {found} entries, the vocabulary has {expected} tokens")]
-    LengthMismatch {
-        key: String,
-        expected: usize,
-        found: usize,
-    },
+    LengthMismatch { key: String, expected: usize, found: usize },
     #[error(
         "unsupported tokenizer.ggml.model `{0}` (supported: `gpt2` byte-level BPE, `llama` SentencePiece, `gemma4`)"
     )]
     UnsupportedModel(String),
-    #[error(
-        "tokenizer.ggml.merges[{index}] = {merge:?} is malformed: expected two tokens separated by a space"
-    )]
+    #[error("tokenizer.ggml.merges[{index}] = {merge:?} is malformed: expected two tokens separated by a space")]
     MalformedMerge { index: usize, merge: String },
     #[error("token {token:?} appears twice in the vocabulary, at ids {first} and {second}")]
-    DuplicateToken {
-        token: String,
-        first: u32,
-        second: u32,
-    },
+    DuplicateToken { token: String, first: u32, second: u32 },
     #[error("`{flag}` is set but no {what} token id is known")]
-    MissingSpecialToken {
-        flag: &'static str,
-        what: &'static str,
-    },
+    MissingSpecialToken { flag: &'static str, what: &'static str },
     #[error("pre-tokenizer for tokenizer.ggml.pre = `{pre}` does not build: {message}")]
     PreTokenizer { pre: String, message: String },
     #[error("token id {id} is outside the vocabulary of {vocab_size} tokens")]
@@ -88,15 +71,9 @@ pub enum TokenizerError {
     #[error("{}: {message}", path.display())]
     Config { path: PathBuf, message: String },
     #[error("chat template does not compile{}: {message}", at_line(*.line))]
-    TemplateSyntax {
-        line: Option<usize>,
-        message: String,
-    },
+    TemplateSyntax { line: Option<usize>, message: String },
     #[error("chat template failed to render{}: {message}", at_line(*.line))]
-    TemplateRender {
-        line: Option<usize>,
-        message: String,
-    },
+    TemplateRender { line: Option<usize>, message: String },
     #[error("tokenizer: {0}")]
     Tokenizers(#[source] tokenizers::Error),
 }
@@ -167,11 +144,7 @@ impl ModelTokenizer {
         tokenizer_config: Option<&Path>,
         generation_config: Option<&Path>,
     ) -> Result<Self, TokenizerError> {
-        Ok(Self::from_parts(hf::build(
-            tokenizer_json,
-            tokenizer_config,
-            generation_config,
-        )?))
+        Ok(Self::from_parts(hf::build(tokenizer_json, tokenizer_config, generation_config)?))
     }
 
     fn from_parts(parts: Parts) -> Self {
@@ -208,12 +181,7 @@ impl ModelTokenizer {
     /// `parse_special = false` text such as `<|im_start|>` is tokenized as ordinary
     /// characters (user-defined tokens still match), which is how user input should be
     /// treated and how llama.cpp's reference vectors were made.
-    pub fn encode_with(
-        &self,
-        text: &str,
-        add_special: bool,
-        parse_special: bool,
-    ) -> Result<Vec<u32>, TokenizerError> {
+    pub fn encode_with(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
         let tokenizer = if parse_special {
             &self.inner
         } else {

@@ -29,18 +29,7 @@ fn s(text: &str) -> Value {
     Value::String(text.to_string())
 }
 
-const BPE_TOKENS: &[&str] = &[
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "h",
-    "i",
-    "Ġ",
-    "hi",
-    "Ġh",
-    "Ġhi",
-    "!",
-];
+const BPE_TOKENS: &[&str] = &["<|endoftext|>", "<|im_start|>", "<|im_end|>", "h", "i", "Ġ", "hi", "Ġh", "Ġhi", "!"];
 const BPE_TYPES: &[i32] = &[3, 3, 3, 1, 1, 1, 1, 1, 1, 1];
 const BPE_MERGES: &[&str] = &["Ġ h", "h i", "Ġh i"];
 
@@ -68,20 +57,14 @@ fn byte_level_bpe_encodes_and_decodes() {
     assert_eq!(t.encode("hi hi!", false).unwrap(), [6, 8, 9]);
     assert_eq!(t.decode(&[6, 8, 9], false).unwrap(), "hi hi!");
     // Control tokens in text are single tokens, unless special parsing is off.
-    assert_eq!(
-        t.encode("<|im_start|>hi<|im_end|>", false).unwrap(),
-        [1, 6, 2]
-    );
+    assert_eq!(t.encode("<|im_start|>hi<|im_end|>", false).unwrap(), [1, 6, 2]);
     assert_ne!(
         t.encode_with("<|im_start|>", false, false).unwrap(),
         [1],
         "with parse_special off the text must not become the control token"
     );
     assert_eq!(t.decode(&[1, 6, 2], true).unwrap(), "hi");
-    assert_eq!(
-        t.decode(&[1, 6, 2], false).unwrap(),
-        "<|im_start|>hi<|im_end|>"
-    );
+    assert_eq!(t.decode(&[1, 6, 2], false).unwrap(), "<|im_start|>hi<|im_end|>");
     assert!(t.is_special(1) && !t.is_special(6));
     // eos plus the end-of-turn texts present as control tokens.
     assert_eq!(t.stop_token_ids(), [0, 2]);
@@ -91,19 +74,14 @@ fn byte_level_bpe_encodes_and_decodes() {
     assert_eq!(t.id_to_token(8).as_deref(), Some("Ġhi"));
     // No template in the metadata, <|im_start|> in the vocabulary: ChatML.
     assert_eq!(
-        t.apply_chat_template(&[ChatMessage::user("hi")], true)
-            .unwrap(),
+        t.apply_chat_template(&[ChatMessage::user("hi")], true).unwrap(),
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     );
 }
 
 #[test]
 fn add_bos_follows_metadata() {
-    let t = ModelTokenizer::from_gguf(&byte_bpe(vec![(
-        "tokenizer.ggml.add_bos_token",
-        Value::Bool(true),
-    )]))
-    .unwrap();
+    let t = ModelTokenizer::from_gguf(&byte_bpe(vec![("tokenizer.ggml.add_bos_token", Value::Bool(true))])).unwrap();
     assert_eq!(t.encode("hi", true).unwrap(), [1, 6]);
     assert_eq!(t.encode("hi", false).unwrap(), [6]);
     assert_eq!(t.inner().encode("hi", true).unwrap().get_ids(), [1, 6]);
@@ -116,38 +94,21 @@ fn gguf_chat_template_is_used() {
         s("{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"),
     )]))
     .unwrap();
-    assert_eq!(
-        t.apply_chat_template(&[ChatMessage::user("x")], true)
-            .unwrap(),
-        "<|im_start|>[user]x"
-    );
-    let bad = ModelTokenizer::from_gguf(&byte_bpe(vec![(
-        "tokenizer.chat_template",
-        s("ok\n{% for %}"),
-    )]))
-    .unwrap_err();
-    assert!(
-        matches!(bad, TokenizerError::TemplateSyntax { line: Some(2), .. }),
-        "{bad}"
-    );
+    assert_eq!(t.apply_chat_template(&[ChatMessage::user("x")], true).unwrap(), "<|im_start|>[user]x");
+    let bad = ModelTokenizer::from_gguf(&byte_bpe(vec![("tokenizer.chat_template", s("ok\n{% for %}"))])).unwrap_err();
+    assert!(matches!(bad, TokenizerError::TemplateSyntax { line: Some(2), .. }), "{bad}");
 }
 
 #[test]
 fn rendered_bos_is_not_doubled() {
     let t = ModelTokenizer::from_gguf(&byte_bpe(vec![
         ("tokenizer.ggml.add_bos_token", Value::Bool(true)),
-        (
-            "tokenizer.chat_template",
-            s("{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}"),
-        ),
+        ("tokenizer.chat_template", s("{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}")),
     ]))
     .unwrap();
     let msgs = [ChatMessage::user("hi")];
     // The template itself writes BOS...
-    assert_eq!(
-        t.chat_template().render(&msgs, true).unwrap(),
-        "<|im_start|>hi"
-    );
+    assert_eq!(t.chat_template().render(&msgs, true).unwrap(), "<|im_start|>hi");
     // ...but encode(.., true) adds it too, so the prompt leaves it out.
     let prompt = t.apply_chat_template(&msgs, true).unwrap();
     assert_eq!(prompt, "hi");
@@ -156,11 +117,7 @@ fn rendered_bos_is_not_doubled() {
 
 #[test]
 fn unknown_pre_falls_back_to_gpt2() {
-    let t = ModelTokenizer::from_gguf(&byte_bpe(vec![(
-        "tokenizer.ggml.pre",
-        s("brand-new-model"),
-    )]))
-    .unwrap();
+    let t = ModelTokenizer::from_gguf(&byte_bpe(vec![("tokenizer.ggml.pre", s("brand-new-model"))])).unwrap();
     assert_eq!(t.encode("hi hi", false).unwrap(), [6, 8]);
 }
 
@@ -171,10 +128,7 @@ fn bad_metadata_gives_typed_errors() {
     let mut c = byte_bpe(vec![]);
     c.metadata.remove("tokenizer.ggml.tokens");
     let e = err(c);
-    assert!(
-        matches!(&e, TokenizerError::MissingKey(k) if k == "tokenizer.ggml.tokens"),
-        "{e}"
-    );
+    assert!(matches!(&e, TokenizerError::MissingKey(k) if k == "tokenizer.ggml.tokens"), "{e}");
     assert!(e.to_string().contains("tokenizer.ggml.tokens"));
 
     let mut c = byte_bpe(vec![]);
@@ -186,44 +140,19 @@ fn bad_metadata_gives_typed_errors() {
     assert!(matches!(err(c), TokenizerError::MissingKey(k) if k == "tokenizer.ggml.merges"));
 
     let e = err(byte_bpe(vec![("tokenizer.ggml.model", s("bert"))]));
-    assert!(
-        matches!(&e, TokenizerError::UnsupportedModel(m) if m == "bert"),
-        "{e}"
-    );
+    assert!(matches!(&e, TokenizerError::UnsupportedModel(m) if m == "bert"), "{e}");
 
-    let e = err(byte_bpe(vec![(
-        "tokenizer.ggml.merges",
-        strs(&["h i", "nospace"]),
-    )]));
-    assert!(
-        matches!(&e, TokenizerError::MalformedMerge { index: 1, merge } if merge == "nospace"),
-        "{e}"
-    );
+    let e = err(byte_bpe(vec![("tokenizer.ggml.merges", strs(&["h i", "nospace"]))]));
+    assert!(matches!(&e, TokenizerError::MalformedMerge { index: 1, merge } if merge == "nospace"), "{e}");
 
     let e = err(byte_bpe(vec![("tokenizer.ggml.tokens", Value::U32(3))]));
     assert!(matches!(e, TokenizerError::WrongType { .. }), "{e}");
 
     let e = err(byte_bpe(vec![("tokenizer.ggml.token_type", ints(&[1, 1]))]));
-    assert!(
-        matches!(e, TokenizerError::LengthMismatch { found: 2, .. }),
-        "{e}"
-    );
+    assert!(matches!(e, TokenizerError::LengthMismatch { found: 2, .. }), "{e}");
 
-    let e = err(byte_bpe(vec![(
-        "tokenizer.ggml.tokens",
-        strs(&["a", "b", "a"]),
-    )]));
-    assert!(
-        matches!(
-            e,
-            TokenizerError::DuplicateToken {
-                first: 0,
-                second: 2,
-                ..
-            }
-        ),
-        "{e}"
-    );
+    let e = err(byte_bpe(vec![("tokenizer.ggml.tokens", strs(&["a", "b", "a"]))]));
+    assert!(matches!(e, TokenizerError::DuplicateToken { first: 0, second: 2, .. }), "{e}");
 
     let mut c = byte_bpe(vec![("tokenizer.ggml.add_bos_token", Value::Bool(true))]);
     c.metadata.remove("tokenizer.ggml.bos_token_id");
@@ -232,11 +161,8 @@ fn bad_metadata_gives_typed_errors() {
 
 #[test]
 fn merges_outside_the_vocabulary_are_skipped() {
-    let t = ModelTokenizer::from_gguf(&byte_bpe(vec![(
-        "tokenizer.ggml.merges",
-        strs(&["Ġ h", "x y", "h i", "Ġh i"]),
-    )]))
-    .unwrap();
+    let t = ModelTokenizer::from_gguf(&byte_bpe(vec![("tokenizer.ggml.merges", strs(&["Ġ h", "x y", "h i", "Ġh i"]))]))
+        .unwrap();
     assert_eq!(t.encode("hi hi", false).unwrap(), [6, 8]);
 }
 
@@ -244,16 +170,7 @@ fn merges_outside_the_vocabulary_are_skipped() {
 fn decode_rejects_ids_outside_the_vocabulary() {
     let t = ModelTokenizer::from_gguf(&byte_bpe(vec![])).unwrap();
     let e = t.decode(&[6, 10], false).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            TokenizerError::IdOutOfRange {
-                id: 10,
-                vocab_size: 10
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, TokenizerError::IdOutOfRange { id: 10, vocab_size: 10 }), "{e}");
 }
 
 /// A tiny SentencePiece vocabulary: the scores decide the merge order.
@@ -261,9 +178,7 @@ fn spm() -> Content {
     let mut tokens = vec!["<unk>", "<s>", "</s>"];
     let bytes: Vec<String> = (0..=255u8).map(|b| format!("<0x{b:02X}>")).collect();
     tokens.extend(bytes.iter().map(String::as_str));
-    let words = [
-        "▁", "h", "e", "l", "o", "▁h", "ll", "▁he", "▁hell", "▁hello", "lo",
-    ];
+    let words = ["▁", "h", "e", "l", "o", "▁h", "ll", "▁he", "▁hell", "▁hello", "lo"];
     tokens.extend(words);
     let mut types = vec![2, 3, 3];
     types.extend(std::iter::repeat_n(6, 256));
@@ -274,10 +189,7 @@ fn spm() -> Content {
         ("tokenizer.ggml.model", s("llama")),
         ("tokenizer.ggml.tokens", strs(&tokens)),
         ("tokenizer.ggml.token_type", ints(&types)),
-        (
-            "tokenizer.ggml.scores",
-            Value::Array(scores.into_iter().map(Value::F32).collect()),
-        ),
+        ("tokenizer.ggml.scores", Value::Array(scores.into_iter().map(Value::F32).collect())),
         ("tokenizer.ggml.bos_token_id", Value::U32(1)),
         ("tokenizer.ggml.eos_token_id", Value::U32(2)),
         ("tokenizer.ggml.unknown_token_id", Value::U32(0)),
@@ -291,23 +203,13 @@ fn sentencepiece_merges_by_score_with_byte_fallback() {
     // "▁hello": ▁h (score -5) beats ll (-6), then ▁he, ll, ▁hell, ▁hello.
     assert_eq!(t.encode("hello", false).unwrap(), [id("▁hello")]);
     // BOS by default for SentencePiece, a space prefix, and bytes for unknown characters.
-    assert_eq!(
-        t.encode("hello é", true).unwrap(),
-        [1, id("▁hello"), id("▁"), id("<0xC3>"), id("<0xA9>")]
-    );
-    assert_eq!(
-        t.decode(&t.encode("hello é", true).unwrap(), true).unwrap(),
-        "hello é"
-    );
+    assert_eq!(t.encode("hello é", true).unwrap(), [1, id("▁hello"), id("▁"), id("<0xC3>"), id("<0xA9>")]);
+    assert_eq!(t.decode(&t.encode("hello é", true).unwrap(), true).unwrap(), "hello é");
     assert_eq!(t.encode("", false).unwrap(), Vec::<u32>::new());
     assert_eq!(t.stop_token_ids(), [2]);
     // No chat tokens: plain transcript fallback, with the SentencePiece bos text.
     assert_eq!(t.chat_template().bos_token(), Some("<s>"));
-    assert_eq!(
-        t.apply_chat_template(&[ChatMessage::user("hi")], true)
-            .unwrap(),
-        "User: hi\nAssistant:"
-    );
+    assert_eq!(t.apply_chat_template(&[ChatMessage::user("hi")], true).unwrap(), "User: hi\nAssistant:");
 }
 
 #[test]
@@ -365,8 +267,7 @@ fn hf_files_with_configs() {
         }"#,
     );
     let generation = dir.write("generation_config.json", r#"{"eos_token_id": [2, 0]}"#);
-    let t =
-        ModelTokenizer::from_hf_files(&tokenizer_json, Some(&config), Some(&generation)).unwrap();
+    let t = ModelTokenizer::from_hf_files(&tokenizer_json, Some(&config), Some(&generation)).unwrap();
     assert_eq!(t.bos_token_id(), Some(1));
     assert_eq!(t.eos_token_id(), Some(2));
     assert_eq!(t.encode("hi hi", true).unwrap(), [1, 6, 8]);
@@ -374,20 +275,13 @@ fn hf_files_with_configs() {
     // The "default" entry of the template list, with the configured bos/eos texts; the
     // prompt for encode(.., true) leaves out the BOS the template writes.
     let msgs = [ChatMessage::user("x")];
-    assert_eq!(
-        t.chat_template().render(&msgs, true).unwrap(),
-        "<|im_start|>x<|im_end|>"
-    );
+    assert_eq!(t.chat_template().render(&msgs, true).unwrap(), "<|im_start|>x<|im_end|>");
     assert_eq!(t.apply_chat_template(&msgs, true).unwrap(), "x<|im_end|>");
 
     // Without side files: the post-processor decides BOS, ChatML is the fallback template.
     let t = ModelTokenizer::from_hf_files(&tokenizer_json, None, None).unwrap();
     assert_eq!(t.encode("hi", true).unwrap(), [6]);
-    assert!(
-        t.apply_chat_template(&[ChatMessage::user("x")], false)
-            .unwrap()
-            .starts_with("<|im_start|>user")
-    );
+    assert!(t.apply_chat_template(&[ChatMessage::user("x")], false).unwrap().starts_with("<|im_start|>user"));
 
     let broken = dir.write("broken.json", "{ not json");
     assert!(matches!(
@@ -395,8 +289,5 @@ fn hf_files_with_configs() {
         TokenizerError::Config { .. }
     ));
     let missing = dir.0.join("missing.json");
-    assert!(matches!(
-        ModelTokenizer::from_hf_files(&missing, None, None).unwrap_err(),
-        TokenizerError::Io { .. }
-    ));
+    assert!(matches!(ModelTokenizer::from_hf_files(&missing, None, None).unwrap_err(), TokenizerError::Io { .. }));
 }
