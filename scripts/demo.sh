@@ -9,4 +9,4 @@ MODEL="${RAGNODE_CACHE:-$HOME/.cache/ragnode}/models/SmolLM2-135M-Instruct.Q4_1.
 PROMPT="${1:-What is your return policy for unused items?}"
 cargo run --release -p ragnode -- generate --model "$MODEL" --chat \
   --system "You are a friendly customer-service assistant for an online shop." \
-  --prompt "$PROMPT" --max-tokens 200
+  --prompt "$PROMPT" --max-tokens 200 --temperature 0.7 --top-p 0.9 --repetition-penalty 1.1

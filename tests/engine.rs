@@ -265,3 +265,33 @@ fn stop_string_split_across_tokens_is_caught_and_not_emitted() {
     assert!(!got.text.contains(&stop));
     engine.shutdown();
 }
+
+#[test]
+fn stop_token_ids_end_the_stream_and_usage_counts_tokens() {
+    let m = model();
+    let engine = start(&m, EngineConfig::default());
+    let prompt = chat(&m.tokenizer, "Name three fruits.");
+    let free = engine.submit(greedy(prompt.clone(), 12)).unwrap().collect_blocking();
+    assert_eq!(free.usage.completion_tokens, 12);
+    assert_eq!(free.usage.prompt_tokens, prompt.len());
+    // Stop at the first occurrence of the 6th token.
+    let stop_at = free.token_ids[5];
+    let first = free.token_ids.iter().position(|&t| t == stop_at).unwrap();
+    let mut req = greedy(prompt, 12);
+    req.stop_token_ids = vec![stop_at];
+    let got = engine.submit(req).unwrap().collect_blocking();
+    assert_eq!(got.finish_reason, Some(FinishReason::Stop));
+    assert_eq!(got.token_ids, free.token_ids[..=first]);
+    assert_eq!(got.usage.completion_tokens, first + 1);
+    // The stop token's own text is not part of the output.
+    let before = m.tokenizer.decode(&free.token_ids[..first], true).unwrap();
+    assert_eq!(got.text, before);
+    // Bad requests are refused at the edge.
+    assert!(matches!(engine.submit(greedy(vec![], 4)), Err(EngineError::InvalidRequest(_))));
+    assert!(matches!(engine.submit(greedy(vec![1], 0)), Err(EngineError::InvalidRequest(_))));
+    assert!(matches!(engine.submit(greedy(vec![1_000_000], 4)), Err(EngineError::InvalidRequest(_))));
+    let mut bad = greedy(vec![1], 4);
+    bad.sampling.top_p = 0.0;
+    assert!(matches!(engine.submit(bad), Err(EngineError::InvalidRequest(_))));
+    engine.shutdown();
+}

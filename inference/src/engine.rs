@@ -348,7 +348,16 @@ impl Worker {
                 }
                 continue;
             }
-            self.step(&items);
+            // A bug in a kernel must not leave callers waiting on streams that never end:
+            // fail the step's sequences and keep serving.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step(&items))).is_err() {
+                tracing::error!("engine step panicked; failing its sequences");
+                for it in &items {
+                    if let Some(seq) = self.sched.remove(it.id) {
+                        self.finished(seq, FinishReason::Error, Some("internal engine error".into()));
+                    }
+                }
+            }
             self.publish_gauges();
         }
     }

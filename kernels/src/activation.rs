@@ -3,6 +3,7 @@
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor, bail};
 
 use crate::math::exp_approx;
+use crate::par::for_rows;
 
 /// SwiGLU on a fused gate/up projection: `x: [T, 2n]` (gate first, then up) to
 /// `silu(gate) * up: [T, n]`. One pass on CPU instead of candle's three strided ops.
@@ -24,19 +25,6 @@ fn candle_nn_swiglu(x: &Tensor) -> Result<Tensor> {
 
 struct CpuSwiglu;
 
-/// Rows per work item when the batch is large enough to split.
-const ROWS_PER_ITEM: usize = 8;
-
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-impl SharedOut {
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
-}
-
 impl CustomOp1 for CpuSwiglu {
     fn name(&self) -> &'static str {
         "swiglu"
@@ -50,20 +38,9 @@ impl CustomOp1 for CpuSwiglu {
             None => bail!("swiglu: input must be contiguous"),
         };
         let mut out = vec![0f32; t * n];
-        let ptr = SharedOut(out.as_mut_ptr());
-        let rows = |range: std::ops::Range<usize>| {
-            for r in range.start * ROWS_PER_ITEM..(range.end * ROWS_PER_ITEM).min(t) {
-                // SAFETY: each row of `out` is written by exactly one work item.
-                let o = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(r * n), n) };
-                swiglu_row(&x[r * two_n..r * two_n + n], &x[r * two_n + n..(r + 1) * two_n], o);
-            }
-        };
-        let items = t.div_ceil(ROWS_PER_ITEM);
-        if t * n < 1 << 15 {
-            rows(0..items);
-        } else {
-            candle_core::utils::barrier_pool().execute_chunked(items, rows);
-        }
+        for_rows(t, n, &mut out, |r, o| {
+            swiglu_row(&x[r * two_n..r * two_n + n], &x[r * two_n + n..(r + 1) * two_n], o)
+        });
         Ok((CpuStorage::F32(out), Shape::from((t, n))))
     }
 }

@@ -23,7 +23,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, InplaceOp3, Layout, Result, Shape, Tensor, bail};
 use half::{bf16, f16};
 
-use crate::math::exp_approx;
+use crate::math::{exp_approx, sum16};
+use crate::par::SharedOut;
 
 /// Shape of one layer's key cache.
 pub fn key_cache_shape(num_blocks: usize, kv_heads: usize, block_size: usize, head_dim: usize) -> Shape {
@@ -241,23 +242,12 @@ impl CacheElem for f16 {
 impl CacheElem for bf16 {
     #[inline(always)]
     fn as_f32<'a>(src: &'a [bf16], buf: &'a mut Vec<f32>) -> &'a [f32] {
-        use half::slice::HalfFloatSliceExt;
         buf.resize(src.len(), 0.0);
-        src.convert_to_f32_slice(buf);
+        // bf16 is the top half of an f32: a shift, which vectorises.
+        for (o, x) in buf.iter_mut().zip(src) {
+            *o = f32::from_bits(u32::from(x.to_bits()) << 16);
+        }
         buf
-    }
-}
-
-/// A raw output pointer shared by workers that write disjoint rows.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    // A method (not `.0`) so closures capture the Sync wrapper, not the raw pointer.
-    fn get(&self) -> *mut f32 {
-        self.0
     }
 }
 
@@ -276,7 +266,7 @@ impl CpuPagedAttention {
                 }
             }
         }
-        let out_ptr = SharedOut(out.as_mut_ptr());
+        let out_ptr = SharedOut::new(&mut out);
         let work = |range: std::ops::Range<usize>| {
             let mut scratch = Scratch::default();
             for &(si, kvh, t0) in &items[range] {
@@ -388,36 +378,30 @@ fn attend_row_impl<T: CacheElem>(task: &RowTask, k: &[T], v: &[T], out: &mut [f3
     for b in 0..n_blocks {
         let (base, len) = task.block(b);
         let kt = T::as_f32(&k[base..base + hd * bs], kbuf);
-        for g in 0..group {
-            let qg = &q[g * hd..(g + 1) * hd];
-            let sc = &mut scores[g * n_keys + b * bs..g * n_keys + b * bs + len];
-            if bs == LANES {
-                // The common block size: the 16 scores live in one register across `d`.
-                // Four accumulators (d mod 4) hide the FMA latency; summed in a fixed order.
-                let (mut a0, mut a1, mut a2, mut a3) = ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
-                let col =
-                    |d: usize| -> &[f32; LANES] { kt[d * LANES..(d + 1) * LANES].try_into().expect("16 columns") };
-                let quads = hd / 4;
-                for d4 in 0..quads {
-                    let d = d4 * 4;
-                    let (c0, c1, c2, c3) = (col(d), col(d + 1), col(d + 2), col(d + 3));
-                    for l in 0..LANES {
-                        a0[l] = qg[d].mul_add(c0[l], a0[l]);
-                        a1[l] = qg[d + 1].mul_add(c1[l], a1[l]);
-                        a2[l] = qg[d + 2].mul_add(c2[l], a2[l]);
-                        a3[l] = qg[d + 3].mul_add(c3[l], a3[l]);
-                    }
+        if bs == LANES {
+            // The common block size: each head's 16 scores live in registers across `d`,
+            // and up to four heads share each loaded key column.
+            let mut g = 0;
+            while g < group {
+                let n = (group - g).min(4);
+                let q = &q[g * hd..(g + n) * hd];
+                let mut out = [[0f32; LANES]; 4];
+                match n {
+                    1 => block_scores::<1>(q, kt, hd, &mut out),
+                    2 => block_scores::<2>(q, kt, hd, &mut out),
+                    3 => block_scores::<3>(q, kt, hd, &mut out),
+                    _ => block_scores::<4>(q, kt, hd, &mut out),
                 }
-                for (d, &qd) in qg.iter().enumerate().skip(quads * 4) {
-                    let c = col(d);
-                    for l in 0..LANES {
-                        a0[l] = qd.mul_add(c[l], a0[l]);
-                    }
+                for (j, row) in out.iter().take(n).enumerate() {
+                    let sc = &mut scores[(g + j) * n_keys + b * bs..(g + j) * n_keys + b * bs + len];
+                    sc.copy_from_slice(&row[..len]);
                 }
-                for (l, s) in sc.iter_mut().enumerate() {
-                    *s = (a0[l] + a1[l]) + (a2[l] + a3[l]);
-                }
-            } else {
+                g += n;
+            }
+        } else {
+            for g in 0..group {
+                let qg = &q[g * hd..(g + 1) * hd];
+                let sc = &mut scores[g * n_keys + b * bs..g * n_keys + b * bs + len];
                 for (d, &qd) in qg.iter().enumerate() {
                     let col = &kt[d * bs..d * bs + len];
                     for (s, &kv) in sc.iter_mut().zip(col) {
@@ -425,12 +409,13 @@ fn attend_row_impl<T: CacheElem>(task: &RowTask, k: &[T], v: &[T], out: &mut [f3
                     }
                 }
             }
-            let mut m = max[g];
+        }
+        for g in 0..group {
+            let sc = &mut scores[g * n_keys + b * bs..g * n_keys + b * bs + len];
             for s in sc.iter_mut() {
                 *s *= scale;
-                m = m.max(*s);
             }
-            max[g] = m;
+            max[g] = max[g].max(max_lanes(sc));
         }
     }
     for g in 0..group {
@@ -439,7 +424,7 @@ fn attend_row_impl<T: CacheElem>(task: &RowTask, k: &[T], v: &[T], out: &mut [f3
         for s in sc.iter_mut() {
             *s = exp_approx(*s - m);
         }
-        sums[g] = sum16(sc);
+        sums[g] = sum_lanes(sc);
     }
     // Weighted values: each block's sum is built in registers (64 dims at a time), then
     // added to the output, in a fixed order.
@@ -447,28 +432,20 @@ fn attend_row_impl<T: CacheElem>(task: &RowTask, k: &[T], v: &[T], out: &mut [f3
     for b in 0..n_blocks {
         let (base, len) = task.block(b);
         let vb = T::as_f32(&v[base..base + len * hd], vbuf);
-        for g in 0..group {
-            let w = &scores[g * n_keys + b * bs..g * n_keys + b * bs + len];
-            let og = &mut out[g * hd..(g + 1) * hd];
-            let mut c0 = 0;
-            while c0 + VCHUNK <= hd {
-                let mut acc = [0f32; VCHUNK];
-                for (i, &wi) in w.iter().enumerate() {
-                    let row: &[f32; VCHUNK] = vb[i * hd + c0..i * hd + c0 + VCHUNK].try_into().expect("chunk");
-                    for l in 0..VCHUNK {
-                        acc[l] = row[l].mul_add(wi, acc[l]);
-                    }
-                }
-                for (o, a) in og[c0..c0 + VCHUNK].iter_mut().zip(acc) {
-                    *o += a;
-                }
-                c0 += VCHUNK;
+        let mut g = 0;
+        while g < group {
+            // Up to four heads share each loaded value row.
+            let n = (group - g).min(4);
+            let w = |j: usize| &scores[(g + j) * n_keys + b * bs..(g + j) * n_keys + b * bs + len];
+            let ws = [w(0), w(n.min(2) - 1), w(n.min(3) - 1), w(n - 1)];
+            let og = &mut out[g * hd..(g + n) * hd];
+            match n {
+                1 => block_values::<1>(ws, vb, hd, og),
+                2 => block_values::<2>(ws, vb, hd, og),
+                3 => block_values::<3>(ws, vb, hd, og),
+                _ => block_values::<4>(ws, vb, hd, og),
             }
-            for (i, &wi) in w.iter().enumerate() {
-                for (o, &x) in og[c0..].iter_mut().zip(&vb[i * hd + c0..(i + 1) * hd]) {
-                    *o = x.mul_add(wi, *o);
-                }
-            }
+            g += n;
         }
     }
     for g in 0..group {
@@ -479,9 +456,93 @@ fn attend_row_impl<T: CacheElem>(task: &RowTask, k: &[T], v: &[T], out: &mut [f3
     }
 }
 
-/// Sum with 16 independent partial sums, then a fixed tree (vectorises).
+/// Scores of one 16-key block (`kt`: `[hd, 16]`) for the `G` query heads in `q`
+/// (`[G, hd]`), into `out[..G]`. Per head: four accumulators (d mod 4) hide the FMA
+/// latency and are summed in a fixed order, whatever `G` is.
 #[inline(always)]
-fn sum16(xs: &[f32]) -> f32 {
+fn block_scores<const G: usize>(q: &[f32], kt: &[f32], hd: usize, out: &mut [[f32; LANES]; 4]) {
+    let mut acc = [[[0f32; LANES]; 4]; G];
+    let col = |d: usize| -> &[f32; LANES] { kt[d * LANES..(d + 1) * LANES].try_into().expect("16 columns") };
+    let quads = hd / 4;
+    for d4 in 0..quads {
+        let d = d4 * 4;
+        let c = [col(d), col(d + 1), col(d + 2), col(d + 3)];
+        for (h, acc) in acc.iter_mut().enumerate() {
+            let qh = &q[h * hd + d..h * hd + d + 4];
+            for j in 0..4 {
+                for l in 0..LANES {
+                    acc[j][l] = qh[j].mul_add(c[j][l], acc[j][l]);
+                }
+            }
+        }
+    }
+    for d in quads * 4..hd {
+        let c = col(d);
+        for (h, acc) in acc.iter_mut().enumerate() {
+            let qd = q[h * hd + d];
+            for l in 0..LANES {
+                acc[0][l] = qd.mul_add(c[l], acc[0][l]);
+            }
+        }
+    }
+    for (o, a) in out.iter_mut().zip(&acc) {
+        for l in 0..LANES {
+            o[l] = (a[0][l] + a[1][l]) + (a[2][l] + a[3][l]);
+        }
+    }
+}
+
+/// Adds the weighted value rows of one block (`vb`: `[len, hd]`, weights `ws[h]`) to the
+/// outputs of `G` heads (`og`: `[G, hd]`). Per head: the block's sum is built in registers
+/// (64 dims at a time) in key order, then added to the output.
+#[inline(always)]
+fn block_values<const G: usize>(ws: [&[f32]; 4], vb: &[f32], hd: usize, og: &mut [f32]) {
+    let len = ws[0].len();
+    let mut c0 = 0;
+    while c0 + VCHUNK <= hd {
+        let mut acc = [[0f32; VCHUNK]; G];
+        for i in 0..len {
+            let row: &[f32; VCHUNK] = vb[i * hd + c0..i * hd + c0 + VCHUNK].try_into().expect("chunk");
+            for (h, acc) in acc.iter_mut().enumerate() {
+                let wi = ws[h][i];
+                for l in 0..VCHUNK {
+                    acc[l] = row[l].mul_add(wi, acc[l]);
+                }
+            }
+        }
+        for (h, acc) in acc.iter().enumerate() {
+            for (o, a) in og[h * hd + c0..h * hd + c0 + VCHUNK].iter_mut().zip(acc) {
+                *o += a;
+            }
+        }
+        c0 += VCHUNK;
+    }
+    for h in 0..G {
+        for (i, &wi) in ws[h].iter().enumerate() {
+            for (o, &x) in og[h * hd + c0..(h + 1) * hd].iter_mut().zip(&vb[i * hd + c0..(i + 1) * hd]) {
+                *o = x.mul_add(wi, *o);
+            }
+        }
+    }
+}
+
+/// Largest element (exact in any order, so 16 lanes let it vectorise).
+#[inline(always)]
+fn max_lanes(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let chunks = xs.chunks_exact(16);
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    for c in chunks {
+        for l in 0..16 {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    acc.iter().fold(tail, |m, &x| if x > m { x } else { m })
+}
+
+/// Sum with 16 independent partial sums, then the fixed tree (vectorises).
+#[inline(always)]
+fn sum_lanes(xs: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let chunks = xs.chunks_exact(16);
     let tail: f32 = chunks.remainder().iter().sum();
@@ -490,12 +551,7 @@ fn sum16(xs: &[f32]) -> f32 {
             acc[l] += c[l];
         }
     }
-    let mut s8 = [0f32; 8];
-    for l in 0..8 {
-        s8[l] = acc[l] + acc[l + 8];
-    }
-    let s4 = [s8[0] + s8[4], s8[1] + s8[5], s8[2] + s8[6], s8[3] + s8[7]];
-    (s4[0] + s4[2]) + (s4[1] + s4[3]) + tail
+    sum16(&acc) + tail
 }
 
 /// Writes a step's new keys and values (`[T, num_kv_heads, head_dim]` each) into the layer's
@@ -774,7 +830,11 @@ mod tests {
         let (nh, nkv, hd, bs, nseq, ctx) = (9usize, 3usize, 64usize, 16usize, 16usize, 100usize);
         let per = ctx.div_ceil(bs);
         let nb = nseq * per + 1;
-        let dtype = if std::env::var("KV_F16").is_ok() { DType::F16 } else { DType::F32 };
+        let dtype = match std::env::var("KV_DTYPE").as_deref() {
+            Ok("f16") => DType::F16,
+            Ok("bf16") => DType::BF16,
+            _ => DType::F32,
+        };
         let k =
             Tensor::randn(0f32, 1.0, key_cache_shape(nb, nkv, bs, hd), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         let v = Tensor::randn(0f32, 1.0, value_cache_shape(nb, nkv, bs, hd), &Device::Cpu)

@@ -18,5 +18,6 @@
 pub mod activation;
 pub mod attention;
 mod math;
+mod par;
 pub mod quant;
 pub mod rowwise;

@@ -21,6 +21,18 @@ pub(crate) fn exp_approx(x: f32) -> f32 {
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// Sums 16 lanes with a fixed tree (lanes l and l+8, then l and l+4, then pairs), the
+/// order a SIMD horizontal reduction takes, so scalar and vector code agree bitwise.
+#[inline(always)]
+pub(crate) fn sum16(acc: &[f32; 16]) -> f32 {
+    let mut s8 = [0f32; 8];
+    for l in 0..8 {
+        s8[l] = acc[l] + acc[l + 8];
+    }
+    let s4 = [s8[0] + s8[4], s8[1] + s8[5], s8[2] + s8[6], s8[3] + s8[7]];
+    (s4[0] + s4[2]) + (s4[1] + s4[3])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

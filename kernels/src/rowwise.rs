@@ -6,34 +6,8 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 
-/// Work below this many elements runs on the calling thread.
-const PARALLEL_MIN: usize = 1 << 15;
-
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-impl SharedOut {
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// Runs `f(row, out_row)` for `rows` rows of `width` outputs each, in parallel when large.
-fn for_rows(rows: usize, width: usize, out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
-    let ptr = SharedOut(out.as_mut_ptr());
-    let run = |range: std::ops::Range<usize>| {
-        for r in range {
-            // SAFETY: each row of `out` is written by exactly one call.
-            f(r, unsafe { std::slice::from_raw_parts_mut(ptr.get().add(r * width), width) });
-        }
-    };
-    if rows * width < PARALLEL_MIN || rows < 2 {
-        run(0..rows);
-    } else {
-        candle_core::utils::barrier_pool().execute_chunked(rows, run);
-    }
-}
+use crate::math::sum16;
+use crate::par::{PARALLEL_MIN, SharedOut, for_rows};
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     match l.contiguous_offsets() {
@@ -101,12 +75,7 @@ fn sum_sq(xs: &[f32]) -> f32 {
             acc[l] += c[l] * c[l];
         }
     }
-    let mut s8 = [0f32; 8];
-    for l in 0..8 {
-        s8[l] = acc[l] + acc[l + 8];
-    }
-    let s4 = [s8[0] + s8[4], s8[1] + s8[5], s8[2] + s8[6], s8[3] + s8[7]];
-    (s4[0] + s4[2]) + (s4[1] + s4[3]) + tail
+    sum16(&acc) + tail
 }
 
 /// `a + b` for two tensors of the same shape.
@@ -206,7 +175,7 @@ impl CustomOp3 for RopeSplit {
         let mut out = vec![0f32; x.len()];
         // Output rows are laid out planar: all q rows, then all k rows, then all v rows.
         let (q_end, k_end) = (t * nh * hd, t * (nh + nkv) * hd);
-        let ptr = SharedOut(out.as_mut_ptr());
+        let ptr = SharedOut::new(&mut out);
         let row = |r: usize| {
             let src = &x[r * width..(r + 1) * width];
             let (c, s) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);

@@ -69,6 +69,35 @@ async fn finish(stream: &mut TokenStream) -> Result<RunResult> {
     anyhow::bail!("stream ended without a Finished event")
 }
 
+/// `n` concurrent greedy streams: (sum of the streams' decode rates, tokens per wall-clock
+/// second including prefill and ramp-up).
+fn run_streams(engine: &EngineHandle, prompt: &[u32], n: usize, max_tokens: usize) -> Result<(f64, f64)> {
+    let start = Instant::now();
+    // One consumer thread for all streams (as a server's event loop would be), so the
+    // bench does not add n threads competing with the engine for the cores.
+    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    let results = rt.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let mut stream = engine.submit(greedy(prompt.to_vec(), max_tokens))?;
+            set.spawn(async move { finish(&mut stream).await });
+        }
+        let mut out = Vec::new();
+        while let Some(r) = set.join_next().await {
+            out.push(r??);
+        }
+        anyhow::Ok(out)
+    })?;
+    let (mut tokens, mut rate) = (0, 0.0);
+    for r in results {
+        tokens += r.generated;
+        // Each stream's decode rate (after its first token); the streams decode
+        // concurrently, so their rates add up.
+        rate += (r.generated - 1) as f64 / (r.total - r.ttft).as_secs_f64();
+    }
+    Ok((rate, tokens as f64 / start.elapsed().as_secs_f64()))
+}
+
 fn run_one(engine: &EngineHandle, prompt: Vec<u32>, max_tokens: usize) -> Result<RunResult> {
     let mut stream = engine.submit(greedy(prompt, max_tokens))?;
     tokio::runtime::Builder::new_current_thread().build()?.block_on(finish(&mut stream))
@@ -137,46 +166,25 @@ fn main() -> Result<()> {
         let r = run_one(&engine, long_ids.clone(), 1)?;
         prefill.push(r.prompt_tokens as f64 / r.ttft.as_secs_f64());
     }
+    // The repetitions interleave the measurements (1 stream, then each stream count), so a
+    // slow spell on a shared machine hits every row alike rather than skewing the ratios.
     let mut single = Vec::new();
+    let mut multi: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); args.streams.len()];
     for _ in 0..args.reps {
         let r = run_one(&engine, short_ids.clone(), args.decode_tokens)?;
         single.push((r.generated - 1) as f64 / (r.total - r.ttft).as_secs_f64());
+        for (&n, (decode, wall)) in args.streams.iter().zip(&mut multi) {
+            let (d, w) = run_streams(&engine, &short_ids, n, args.decode_tokens)?;
+            decode.push(d);
+            wall.push(w);
+        }
     }
     let single_tps = median(single);
-
     let mut rows = vec![
         (format!("prefill ({}-token prompt)", args.prompt_len), median(prefill), String::new()),
         ("decode, 1 stream".to_string(), single_tps, String::new()),
     ];
-    for &n in &args.streams {
-        let (mut decode, mut wall) = (Vec::new(), Vec::new());
-        for _ in 0..args.reps {
-            let start = Instant::now();
-            // One consumer thread for all streams (as a server's event loop would be), so
-            // the bench does not add 16 threads competing with the engine for 2 cores.
-            let rt = tokio::runtime::Builder::new_current_thread().build()?;
-            let results = rt.block_on(async {
-                let mut set = tokio::task::JoinSet::new();
-                for _ in 0..n {
-                    let mut stream = engine.submit(greedy(short_ids.clone(), args.decode_tokens))?;
-                    set.spawn(async move { finish(&mut stream).await });
-                }
-                let mut out = Vec::new();
-                while let Some(r) = set.join_next().await {
-                    out.push(r??);
-                }
-                anyhow::Ok(out)
-            })?;
-            let (mut tokens, mut rate) = (0, 0.0);
-            for r in results {
-                tokens += r.generated;
-                // Each stream's decode rate (after its first token); the streams decode
-                // concurrently, so their rates add up.
-                rate += (r.generated - 1) as f64 / (r.total - r.ttft).as_secs_f64();
-            }
-            wall.push(tokens as f64 / start.elapsed().as_secs_f64());
-            decode.push(rate);
-        }
+    for (&n, (decode, wall)) in args.streams.iter().zip(multi) {
         let d = median(decode);
         rows.push((
             format!("decode, {n} streams (aggregate)"),

@@ -389,3 +389,60 @@ fn real_weights_match_candle() {
         }
     }
 }
+
+/// Timing harness (not a test): `QB_M=16 QB_FMT=q8_0 QB_VARIANTS='4,2;4,4'`.
+#[test]
+#[ignore]
+fn bench_variants() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::time::Instant;
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    let ms: Vec<usize> = env("QB_M", "16").split(',').map(|v| v.parse().unwrap()).collect();
+    let fmt = env("QB_FMT", "q8_0");
+    let (dtype, n, k) = match fmt.as_str() {
+        "q8_0" => (GgmlDType::Q8_0, 49152, 576),
+        "q4_1" => (GgmlDType::Q4_1, 3072, 576),
+        "q4_1d" => (GgmlDType::Q4_1, 576, 1536),
+        _ => panic!("fmt"),
+    };
+    let hot = env("QB_HOT", "0") == "1";
+    let variants: Vec<Vec<usize>> =
+        env("QB_VARIANTS", "4,4").split(';').map(|v| v.split(',').map(|x| x.parse().unwrap()).collect()).collect();
+    let mut rng = StdRng::seed_from_u64(9);
+    let (_, bytes) = random_weights(&mut rng, dtype, n, k);
+    let w = matrix(dtype, &bytes, n, k);
+    let copies = if hot { 1 } else { (256usize << 20).div_ceil(w.size_in_bytes()) };
+    let ws: Vec<QuantMatrix> = (0..copies).map(|_| w.clone()).collect();
+    let rounds: usize = env("QB_ROUNDS", "7").parse().unwrap();
+    for &m in &ms {
+        let x = randn(&mut rng, m * k, 1.0);
+        let mut y = vec![0f32; m * n];
+        let mut times = vec![Vec::new(); variants.len()];
+        for _ in 0..rounds {
+            for (vi, v) in variants.iter().enumerate() {
+                exec::TUNING.rows.store(v[0], Relaxed);
+                exec::TUNING.tiles.store(v[1], Relaxed);
+                let start = Instant::now();
+                let mut i = 0;
+                while i < copies || start.elapsed().as_millis() < 100 {
+                    ws[i % copies].matmul(&x, m, &mut y).unwrap();
+                    i += 1;
+                }
+                times[vi].push(start.elapsed().as_secs_f64() / i as f64);
+            }
+        }
+        for (v, mut t) in variants.iter().zip(times) {
+            t.sort_by(f64::total_cmp);
+            let fl = 2.0 * (m * n * k) as f64;
+            eprintln!(
+                "{fmt} m={m:>3} {v:?}: median {:>8.1} µs {:>6.1} GFLOP/s | best {:>8.1} µs {:>6.1} GFLOP/s",
+                t[t.len() / 2] * 1e6,
+                fl / t[t.len() / 2] / 1e9,
+                t[0] * 1e6,
+                fl / t[0] / 1e9
+            );
+        }
+    }
+    exec::TUNING.rows.store(4, Relaxed);
+    exec::TUNING.tiles.store(4, Relaxed);
+}

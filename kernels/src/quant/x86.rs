@@ -143,34 +143,45 @@ unsafe fn store_tile(y: &OutPtr, p: &Packed, row: usize, t: usize, vals: &[f32; 
 // AVX-512 VNNI
 // ---------------------------------------------------------------------------------------
 
-/// `R` rows from `r0` × `T` tiles from `t0`.
+/// Pointers and per-block planes one micro-kernel call reads.
+struct Ctx<'a> {
+    /// Tile `t0`'s first byte.
+    wbase: *const u8,
+    /// Bytes per tile.
+    tb: usize,
+    /// Blocks per row.
+    nb: usize,
+    /// Row `r0`'s first quant.
+    xbase: *const i8,
+    /// Rows `r0..`'s block scales, `s` and sums.
+    xd: &'a [f32],
+    xs: &'a [f32],
+    xsum: &'a [i32],
+}
+
+/// Block `b` of rows `r0..r0 + R` × `T` tiles: `acc[r][t] += ` the block's float
+/// term, exactly as [`super::scalar`] computes it.
 ///
 /// # Safety
-/// AVX-512 F/BW/VNNI are available; `p.format` is `FMT`'s; `a.nb == p.nb`;
-/// `r0 + R <= a.m`; `t0 + T <= p.n_tiles`; no other thread writes these outputs.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn tile512<const FMT: u8, const R: usize, const T: usize>(
-    p: &Packed,
-    a: &QActs,
-    r0: usize,
-    t0: usize,
-    y: &OutPtr,
-) {
-    let f = fmt_of(FMT);
-    let split = R * T <= 2;
-    let nb = p.nb;
-    let tb = p.tile_bytes;
-    let stride = nb * QK;
-    let low4 = _mm512_set1_epi8(0x0F);
-    let flip = _mm512_set1_epi8(i8::MIN);
-    let zero = _mm512_setzero_si512();
-    // SAFETY (pointer arithmetic below): tiles t0..t0+T and rows r0..r0+R exist, and every
-    // offset stays inside one tile-block (layout) or one activation block.
-    let wbase = unsafe { p.data.as_slice().as_ptr().add(t0 * tb) };
-    let xbase = unsafe { a.qs.as_ptr().add(r0 * stride) };
-    let (xd, xs, xsum) = (&a.d[r0 * nb..], &a.s[r0 * nb..], &a.sum[r0 * nb..]);
-    let mut acc = [[_mm512_setzero_ps(); T]; R];
-    for b in 0..nb {
+/// AVX-512 F/BW/VNNI, F16C are available (the caller is compiled with them); `ctx` is
+/// valid for rows `0..R` and tiles `0..T`; `b < ctx.nb`.
+#[inline(always)]
+unsafe fn block512<const FMT: u8, const R: usize, const T: usize>(ctx: &Ctx<'_>, b: usize, acc: &mut [[__m512; T]; R]) {
+    // SAFETY: the intrinsics need the features of the (only) callers, `tile512`'s, into
+    // which this is inlined; the memory accesses are in range by the contract.
+    unsafe {
+        let f = fmt_of(FMT);
+        let split = R * T <= 2;
+        let (nb, tb) = (ctx.nb, ctx.tb);
+        let stride = nb * QK;
+        let wbase = ctx.wbase;
+        // SAFETY (pointer arithmetic below): every offset stays inside one tile-block (layout)
+        // or one activation block.
+        let xbase = ctx.xbase;
+        let (xd, xs, xsum) = (ctx.xd, ctx.xs, ctx.xsum);
+        let low4 = _mm512_set1_epi8(0x0F);
+        let flip = _mm512_set1_epi8(i8::MIN);
+        let zero = _mm512_setzero_si512();
         let (so, qo) = block_offsets(f, b);
         let mut isum = [[zero; T]; R];
         // Few accumulators: a second chain halves the dpbusd latency chain (exact: integers).
@@ -186,21 +197,14 @@ unsafe fn tile512<const FMT: u8, const R: usize, const T: usize>(
             for g in 0..QK / 4 {
                 let mut w = [zero; T];
                 for (t, w) in w.iter_mut().enumerate() {
-                    let v = unsafe { _mm512_loadu_si512(wbase.add(t * tb + qo + g * 64).cast()) };
+                    let v = _mm512_loadu_si512(wbase.add(t * tb + qo + g * 64).cast());
                     *w = _mm512_xor_si512(v, flip);
                 }
                 for (r, row) in isum.iter_mut().enumerate() {
-                    let x = _mm512_set1_epi32(unsafe { load4(xbase.add(r * stride + b * QK + 4 * g)) });
+                    let x = _mm512_set1_epi32(load4(xbase.add(r * stride + b * QK + 4 * g)));
                     let acc = if split && g % 2 == 1 { &mut isum2[r] } else { row };
                     for (s, w) in acc.iter_mut().zip(&w) {
                         *s = _mm512_dpbusd_epi32(*s, *w, x);
-                    }
-                }
-            }
-            if split {
-                for r in 0..R {
-                    for t in 0..T {
-                        isum[r][t] = _mm512_add_epi32(isum[r][t], isum2[r][t]);
                     }
                 }
             }
@@ -211,14 +215,14 @@ unsafe fn tile512<const FMT: u8, const R: usize, const T: usize>(
             let mut qh = [zero; T];
             if five {
                 for (t, qh) in qh.iter_mut().enumerate() {
-                    *qh = unsafe { _mm512_loadu_si512(wbase.add(t * tb + qo).cast()) };
+                    *qh = _mm512_loadu_si512(wbase.add(t * tb + qo).cast());
                 }
             }
             for g in 0..QK / 8 {
                 let mut lo = [zero; T];
                 let mut hi = [zero; T];
                 for t in 0..T {
-                    let v = unsafe { _mm512_loadu_si512(wbase.add(t * tb + qo + nib + g * 64).cast()) };
+                    let v = _mm512_loadu_si512(wbase.add(t * tb + qo + nib + g * 64).cast());
                     lo[t] = _mm512_and_si512(v, low4);
                     hi[t] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low4);
                     if five {
@@ -228,9 +232,9 @@ unsafe fn tile512<const FMT: u8, const R: usize, const T: usize>(
                     }
                 }
                 for r in 0..R {
-                    let xp = unsafe { xbase.add(r * stride + b * QK + 8 * g) };
-                    let xl = _mm512_set1_epi32(unsafe { load4(xp) });
-                    let xh = _mm512_set1_epi32(unsafe { load4(xp.add(4)) });
+                    let xp = xbase.add(r * stride + b * QK + 8 * g);
+                    let xl = _mm512_set1_epi32(load4(xp));
+                    let xh = _mm512_set1_epi32(load4(xp.add(4)));
                     for t in 0..T {
                         isum[r][t] = _mm512_dpbusd_epi32(isum[r][t], lo[t], xl);
                         if split {
@@ -241,20 +245,20 @@ unsafe fn tile512<const FMT: u8, const R: usize, const T: usize>(
                     }
                 }
             }
-            if split {
-                for r in 0..R {
-                    for t in 0..T {
-                        isum[r][t] = _mm512_add_epi32(isum[r][t], isum2[r][t]);
-                    }
+        }
+        if split {
+            for r in 0..R {
+                for t in 0..T {
+                    isum[r][t] = _mm512_add_epi32(isum[r][t], isum2[r][t]);
                 }
             }
         }
         let mut dw = [_mm512_setzero_ps(); T];
         let mut mw = [_mm512_setzero_ps(); T];
         for t in 0..T {
-            dw[t] = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(wbase.add(t * tb + so).cast()) });
+            dw[t] = _mm512_cvtph_ps(_mm256_loadu_si256(wbase.add(t * tb + so).cast()));
             if f.has_min() {
-                mw[t] = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(wbase.add(t * tb + so + 2 * TILE).cast()) });
+                mw[t] = _mm512_cvtph_ps(_mm256_loadu_si256(wbase.add(t * tb + so + 2 * TILE).cast()));
             }
         }
         for r in 0..R {
@@ -269,9 +273,42 @@ unsafe fn tile512<const FMT: u8, const R: usize, const T: usize>(
             }
         }
     }
+}
+
+/// `R` rows from `r0` × `T` tiles from `t0`: float accumulators stay in registers while the
+/// blocks are walked once.
+///
+/// # Safety
+/// AVX-512 F/BW/VNNI are available; `p.format` is `FMT`'s; `a.nb == p.nb`;
+/// `r0 + R <= a.m`; `t0 + T <= p.n_tiles`; no other thread writes these outputs.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn tile512<const FMT: u8, const R: usize, const T: usize>(
+    p: &Packed,
+    a: &QActs,
+    r0: usize,
+    t0: usize,
+    y: &OutPtr,
+) {
+    let nb = p.nb;
+    // SAFETY (pointer arithmetic): tiles t0..t0+T and rows r0..r0+R exist.
+    let ctx = Ctx {
+        wbase: unsafe { p.data.as_slice().as_ptr().add(t0 * p.tile_bytes) },
+        tb: p.tile_bytes,
+        nb,
+        xbase: unsafe { a.qs.as_ptr().add(r0 * nb * QK) },
+        xd: &a.d[r0 * nb..],
+        xs: &a.s[r0 * nb..],
+        xsum: &a.sum[r0 * nb..],
+    };
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    for b in 0..nb {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { block512::<FMT, R, T>(&ctx, b, &mut acc) };
+    }
     for (r, row) in acc.iter().enumerate() {
         for (t, v) in row.iter().enumerate() {
             let mut buf = [0f32; TILE];
+            // SAFETY: row r0 + r and tile t0 + t are this call's.
             unsafe {
                 _mm512_storeu_ps(buf.as_mut_ptr(), *v);
                 store_tile(y, p, r0 + r, t0 + t, &buf);
@@ -285,9 +322,8 @@ type TileFn = unsafe fn(&Packed, &QActs, usize, usize, &OutPtr);
 /// Tiles per micro-kernel call supported for `rows` rows, at most `want`.
 fn tiles512(rows: usize, want: usize) -> usize {
     match rows {
-        1 | 2 => want.min(4),
-        3 | 4 => want.min(2),
-        _ => 1,
+        1..=4 => want.min(4),
+        _ => want.min(2),
     }
 }
 
@@ -305,12 +341,20 @@ fn pick512<const FMT: u8>(rows: usize, tiles: usize) -> TileFn {
         (2, 4) => tile512::<FMT, 2, 4>,
         (3, 1) => tile512::<FMT, 3, 1>,
         (3, 2) => tile512::<FMT, 3, 2>,
+        (3, 3) => tile512::<FMT, 3, 3>,
+        (3, 4) => tile512::<FMT, 3, 4>,
         (4, 1) => tile512::<FMT, 4, 1>,
         (4, 2) => tile512::<FMT, 4, 2>,
+        (4, 3) => tile512::<FMT, 4, 3>,
+        (4, 4) => tile512::<FMT, 4, 4>,
         (5, 1) => tile512::<FMT, 5, 1>,
+        (5, 2) => tile512::<FMT, 5, 2>,
         (6, 1) => tile512::<FMT, 6, 1>,
+        (6, 2) => tile512::<FMT, 6, 2>,
         (7, 1) => tile512::<FMT, 7, 1>,
+        (7, 2) => tile512::<FMT, 7, 2>,
         (8, 1) => tile512::<FMT, 8, 1>,
+        (8, 2) => tile512::<FMT, 8, 2>,
         // Unreachable through `run_avx512`; the smallest kernel never writes out of range.
         _ => tile512::<FMT, 1, 1>,
     }
