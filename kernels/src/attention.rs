@@ -829,45 +829,48 @@ mod tests {
     fn decode_attention_timing() {
         let (nh, nkv, hd, bs, nseq, ctx) = (9usize, 3usize, 64usize, 16usize, 16usize, 100usize);
         let per = ctx.div_ceil(bs);
-        let nb = nseq * per + 1;
+        // KV_COLD=1: 40 disjoint block sets (~100 MB of f32 cache), one per call, so the
+        // cache streams from memory as in a real decode step across 30 layers.
+        let sets = if std::env::var("KV_COLD").is_ok() { 40 } else { 1 };
+        let nb = sets * nseq * per + 1;
         let dtype = match std::env::var("KV_DTYPE").as_deref() {
             Ok("f16") => DType::F16,
             Ok("bf16") => DType::BF16,
             _ => DType::F32,
         };
-        let k =
-            Tensor::randn(0f32, 1.0, key_cache_shape(nb, nkv, bs, hd), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-        let v = Tensor::randn(0f32, 1.0, value_cache_shape(nb, nkv, bs, hd), &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
-        let seqs: Vec<SeqSpan> = (0..nseq)
-            .map(|i| SeqSpan {
-                q_start: i,
-                q_len: 1,
-                ctx_len: ctx,
-                block_table: (0..per).map(|b| (i * per + b) as u32).collect(),
+        let fill = |shape: Shape| Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let k = fill(key_cache_shape(nb, nkv, bs, hd));
+        let v = fill(value_cache_shape(nb, nkv, bs, hd));
+        let params: Vec<PagedAttentionParams> = (0..sets)
+            .map(|set| PagedAttentionParams {
+                seqs: (0..nseq)
+                    .map(|i| SeqSpan {
+                        q_start: i,
+                        q_len: 1,
+                        ctx_len: ctx,
+                        block_table: (0..per).map(|b| ((set * nseq + i) * per + b) as u32).collect(),
+                    })
+                    .collect::<Vec<_>>()
+                    .into(),
+                num_heads: nh,
+                num_kv_heads: nkv,
+                head_dim: hd,
+                block_size: bs,
+                scale: 0.125,
             })
             .collect();
         let q = Tensor::randn(0f32, 1.0, (nseq, nh, hd), &Device::Cpu).unwrap();
-        let p = PagedAttentionParams {
-            seqs: seqs.into(),
-            num_heads: nh,
-            num_kv_heads: nkv,
-            head_dim: hd,
-            block_size: bs,
-            scale: 0.125,
-        };
-        for _ in 0..10 {
-            paged_attention(&q, &k, &v, &p).unwrap();
+        for p in params.iter().cycle().take(sets.max(10)) {
+            paged_attention(&q, &k, &v, p).unwrap();
         }
         let n = 300;
         let t = std::time::Instant::now();
-        for _ in 0..n {
-            paged_attention(&q, &k, &v, &p).unwrap();
+        for p in params.iter().cycle().take(n) {
+            paged_attention(&q, &k, &v, p).unwrap();
         }
         eprintln!(
-            "decode attention, {dtype:?} cache, {nseq} seqs x {ctx} keys: {:.1} us/call",
+            "decode attention, {dtype:?} cache{}, {nseq} seqs x {ctx} keys: {:.1} us/call",
+            if sets > 1 { " (cold)" } else { "" },
             t.elapsed().as_secs_f64() * 1e6 / n as f64
         );
     }

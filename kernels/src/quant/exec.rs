@@ -201,8 +201,8 @@ fn quantize(x: &[f32], m: usize, p: &Packed, kernel: Kernel, threads: usize, act
     let kind = act_kind(p.format);
     let k = p.k;
     acts.reset(m, p.nb, kind);
-    // Below ~32K values a thread wake-up costs more than the work.
-    let parts = if m * k >= 1 << 15 { threads.min(m) } else { 1 };
+    // Small inputs run on the calling thread: a hand-off costs more than the work.
+    let parts = if m * k >= crate::par::PARALLEL_MIN { threads.min(m) } else { 1 };
     let quantize_part = |rows: Range<usize>, out: ActRowsMut<'_>| {
         let xs = &x[rows.start * k..rows.end * k];
         match kernel {
