@@ -2,6 +2,9 @@
 //!
 //! Subcommands:
 //! - `generate`: load a model and stream one completion to stdout (the engine end to end).
+//! - `faq ingest|search|delete|stats`: build and query a FAQ knowledge-base shard.
+
+mod faq;
 
 use std::io::Write;
 use std::time::Instant;
@@ -26,6 +29,8 @@ struct Cli {
 enum Command {
     /// Generate a completion for one prompt, streaming it to stdout.
     Generate(GenerateArgs),
+    /// FAQ knowledge base: ingest, search, delete, stats.
+    Faq(faq::FaqArgs),
 }
 
 #[derive(Args)]
@@ -84,6 +89,7 @@ fn main() {
         .init();
     let result = match cli.command {
         Command::Generate(args) => generate(args),
+        Command::Faq(args) => faq::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,0 +1,550 @@
+//! `FaqShard`: one node's share of the FAQ knowledge base, a tantivy index on disk.
+//!
+//! Lifecycle: [`FaqShard::open`] creates or opens the index in a directory and holds its
+//! single writer (tantivy's directory lock keeps a second process out) and a reader.
+//! Writes are staged with [`FaqShard::stage`] / [`FaqShard::stage_delete`] and made durable
+//! by [`FaqShard::commit`] (tantivy fsyncs the segments and the meta file before it
+//! returns), after which the reader is reloaded and the hot-answer cache cleared. The
+//! convenience calls [`FaqShard::upsert`] and [`FaqShard::delete`] commit at once.
+//!
+//! Search ranks with BM25 over question, paraphrases and answer (field boosts in
+//! [`SearchBoosts`]), and returns per hit the matched field, a highlighted snippet and a
+//! confidence (see [`FaqHit::confidence`]).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tantivy::collector::TopDocs;
+use tantivy::query::{BooleanQuery, BoostQuery, Occur, Query, TermQuery};
+use tantivy::schema::{IndexRecordOption, Value};
+use tantivy::tokenizer::TextAnalyzer;
+use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, Searcher, TantivyDocument, Term};
+
+use crate::analyzer::{FAQ_ANALYZER, faq_analyzer, terms};
+use crate::cache::{CacheCounters, DEFAULT_CAPACITY, DEFAULT_TTL, HotAnswerCache, normalize_question};
+use crate::entry::{EntryError, FaqEntry};
+use crate::schema::FaqFields;
+use crate::snippet::highlight;
+
+/// Length of a hit's snippet, in characters.
+const SNIPPET_CHARS: usize = 160;
+
+/// Errors of shard operations.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error("index at {path}: {source}")]
+    Open { path: PathBuf, source: tantivy::TantivyError },
+    #[error("index at {path}: {reason}")]
+    NotAShard { path: PathBuf, reason: String },
+    #[error("entry {id:?}: {source}")]
+    InvalidEntry { id: String, source: EntryError },
+    #[error(transparent)]
+    Index(#[from] tantivy::TantivyError),
+}
+
+pub type Result<T> = std::result::Result<T, ShardError>;
+
+/// Field weights of the ranking (multipliers on each field's BM25 score).
+#[derive(Clone, Copy, Debug)]
+pub struct SearchBoosts {
+    pub question: f32,
+    pub alt_questions: f32,
+    pub answer: f32,
+}
+
+impl Default for SearchBoosts {
+    fn default() -> Self {
+        Self { question: 2.0, alt_questions: 1.5, answer: 1.0 }
+    }
+}
+
+/// Shard settings.
+#[derive(Clone, Debug)]
+pub struct ShardConfig {
+    /// Hot-answer cache size in queries (0 disables it).
+    pub cache_capacity: usize,
+    pub cache_ttl: Duration,
+    /// Indexing memory budget of the writer.
+    pub writer_memory_bytes: usize,
+    pub boosts: SearchBoosts,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        Self {
+            cache_capacity: DEFAULT_CAPACITY,
+            cache_ttl: DEFAULT_TTL,
+            writer_memory_bytes: 64 << 20,
+            boosts: SearchBoosts::default(),
+        }
+    }
+}
+
+/// What to search for.
+#[derive(Clone, Debug)]
+pub struct SearchOptions {
+    pub k: usize,
+    pub category: Option<String>,
+    pub lang: Option<String>,
+}
+
+impl Default for SearchOptions {
+    fn default() -> Self {
+        Self { k: 5, category: None, lang: None }
+    }
+}
+
+/// Which field a hit matched best.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MatchedField {
+    Question,
+    AltQuestion,
+    Answer,
+}
+
+/// One search result.
+#[derive(Clone, Debug, Serialize)]
+pub struct FaqHit {
+    pub id: String,
+    /// BM25 score on this shard's statistics.
+    pub score: f32,
+    pub question: String,
+    pub answer: String,
+    pub category: String,
+    pub lang: String,
+    pub matched_field: MatchedField,
+    /// The best passage of the matched field, query terms in `<b>…</b>`.
+    pub snippet: String,
+    /// How much of the query the hit's question (or best paraphrase) covers, in [0, 1]:
+    /// the IDF-weighted share of the query's distinct terms found in it. Rare terms
+    /// ("发票", "warranty") weigh more than common ones ("的", "how").
+    pub confidence: f32,
+}
+
+/// Document counts and document frequencies of a query's terms on this shard, so several
+/// shards' scores can be put on a common scale.
+#[derive(Clone, Debug, Serialize)]
+pub struct TermStats {
+    pub num_docs: u64,
+    /// (term, doc freq in question, in alt_questions, in answer).
+    pub terms: Vec<(String, u64, u64, u64)>,
+}
+
+/// Shard-level figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct ShardStats {
+    pub num_docs: u64,
+    pub segments: usize,
+    pub cache_entries: usize,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+}
+
+/// A FAQ shard on disk.
+pub struct FaqShard {
+    path: PathBuf,
+    index: Index,
+    reader: IndexReader,
+    writer: Mutex<IndexWriter>,
+    fields: FaqFields,
+    analyzer: TextAnalyzer,
+    cache: HotAnswerCache<Vec<FaqHit>>,
+    boosts: SearchBoosts,
+}
+
+impl FaqShard {
+    /// Opens the shard in `dir`, creating an empty one if the directory has none.
+    pub fn open(dir: impl AsRef<Path>, config: &ShardConfig) -> Result<Self> {
+        let path = dir.as_ref().to_path_buf();
+        let open_err = |source| ShardError::Open { path: path.clone(), source };
+        std::fs::create_dir_all(&path).map_err(|e| open_err(e.into()))?;
+        let (schema, _) = FaqFields::build();
+        let mmap =
+            tantivy::directory::MmapDirectory::open(&path).map_err(|e| open_err(tantivy::TantivyError::from(e)))?;
+        let index = Index::open_or_create(mmap, schema).map_err(open_err)?;
+        let fields = FaqFields::from_schema(&index.schema())
+            .map_err(|reason| ShardError::NotAShard { path: path.clone(), reason })?;
+        index.tokenizers().register(FAQ_ANALYZER, faq_analyzer());
+        let writer = index.writer(config.writer_memory_bytes.max(15 << 20)).map_err(open_err)?;
+        let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into().map_err(open_err)?;
+        Ok(Self {
+            path,
+            index,
+            reader,
+            writer: Mutex::new(writer),
+            fields,
+            analyzer: faq_analyzer(),
+            cache: HotAnswerCache::new(config.cache_capacity, config.cache_ttl),
+            boosts: config.boosts,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn writer(&self) -> std::sync::MutexGuard<'_, IndexWriter> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stages an upsert (replaces any entry with the same id at the next commit).
+    pub fn stage(&self, entry: &FaqEntry) -> Result<()> {
+        entry.validate().map_err(|source| ShardError::InvalidEntry { id: entry.id.clone(), source })?;
+        let f = &self.fields;
+        let mut doc = TantivyDocument::default();
+        doc.add_text(f.id, &entry.id);
+        doc.add_text(f.question, &entry.question);
+        for a in &entry.alt_questions {
+            doc.add_text(f.alt_questions, a);
+        }
+        doc.add_text(f.answer, &entry.answer);
+        doc.add_text(f.category, &entry.category);
+        for t in &entry.tags {
+            doc.add_text(f.tags, t);
+        }
+        doc.add_text(f.lang, &entry.lang);
+        doc.add_i64(f.updated_at, entry.updated_at);
+        let w = self.writer();
+        w.delete_term(Term::from_field_text(f.id, &entry.id));
+        w.add_document(doc)?;
+        Ok(())
+    }
+
+    /// Stages the deletion of entry `id`.
+    pub fn stage_delete(&self, id: &str) {
+        self.writer().delete_term(Term::from_field_text(self.fields.id, id));
+    }
+
+    /// Stages the removal of every entry (a full rebuild then stages the new ones).
+    pub fn stage_clear(&self) -> Result<()> {
+        self.writer().delete_all_documents()?;
+        Ok(())
+    }
+
+    /// Makes every staged change durable and visible; returns the commit's opstamp.
+    pub fn commit(&self) -> Result<u64> {
+        let opstamp = self.writer().commit()?;
+        self.reader.reload()?;
+        self.cache.clear();
+        Ok(opstamp)
+    }
+
+    /// Drops every staged, uncommitted change.
+    pub fn rollback(&self) -> Result<()> {
+        self.writer().rollback()?;
+        Ok(())
+    }
+
+    /// Upserts `entries` and commits.
+    pub fn upsert(&self, entries: &[FaqEntry]) -> Result<u64> {
+        for e in entries {
+            self.stage(e)?;
+        }
+        self.commit()
+    }
+
+    /// Deletes entry `id` and commits; returns whether it existed.
+    pub fn delete(&self, id: &str) -> Result<bool> {
+        let existed = self.get(id)?.is_some();
+        self.stage_delete(id);
+        self.commit()?;
+        Ok(existed)
+    }
+
+    /// The entry with this id, if any.
+    pub fn get(&self, id: &str) -> Result<Option<FaqEntry>> {
+        let searcher = self.reader.searcher();
+        let q = TermQuery::new(Term::from_field_text(self.fields.id, id), IndexRecordOption::Basic);
+        let top = searcher.search(&q, &TopDocs::with_limit(1).order_by_score())?;
+        match top.first() {
+            Some(&(_, addr)) => Ok(Some(self.entry(&searcher.doc(addr)?))),
+            None => Ok(None),
+        }
+    }
+
+    fn entry(&self, doc: &TantivyDocument) -> FaqEntry {
+        let f = &self.fields;
+        let one = |field| doc.get_first(field).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+        let all = |field| doc.get_all(field).filter_map(|v| v.as_str().map(str::to_string)).collect();
+        FaqEntry {
+            id: one(f.id),
+            question: one(f.question),
+            alt_questions: all(f.alt_questions),
+            answer: one(f.answer),
+            category: one(f.category),
+            tags: all(f.tags),
+            lang: one(f.lang),
+            updated_at: doc.get_first(f.updated_at).and_then(|v| v.as_i64()).unwrap_or_default(),
+        }
+    }
+
+    /// The query's distinct analyzed terms, in first-seen order.
+    fn query_terms(&self, text: &str) -> Vec<String> {
+        let mut seen = HashSet::new();
+        terms(&mut self.analyzer.clone(), text).into_iter().filter(|t| seen.insert(t.clone())).collect()
+    }
+
+    /// Top hits for `query`, from the hot-answer cache when a normalised repeat.
+    pub fn search(&self, query: &str, opts: &SearchOptions) -> Result<Arc<Vec<FaqHit>>> {
+        let key = format!(
+            "{}\u{1}{}\u{1}{}\u{1}{}",
+            normalize_question(query),
+            opts.k,
+            opts.category.as_deref().unwrap_or(""),
+            opts.lang.as_deref().unwrap_or("")
+        );
+        if let Some(hit) = self.cache.get(&key) {
+            return Ok(hit);
+        }
+        let hits = Arc::new(self.search_uncached(query, opts)?);
+        self.cache.put(key, hits.clone());
+        Ok(hits)
+    }
+
+    /// [`search`](Self::search) without the cache.
+    pub fn search_uncached(&self, query: &str, opts: &SearchOptions) -> Result<Vec<FaqHit>> {
+        let qterms = self.query_terms(query);
+        if qterms.is_empty() || opts.k == 0 {
+            return Ok(Vec::new());
+        }
+        let f = self.fields;
+        let b = self.boosts;
+        let field_query = |field, boost: f32| -> Box<dyn Query> {
+            let clauses = qterms
+                .iter()
+                .map(|t| {
+                    let q: Box<dyn Query> =
+                        Box::new(TermQuery::new(Term::from_field_text(field, t), IndexRecordOption::WithFreqs));
+                    (Occur::Should, q)
+                })
+                .collect();
+            Box::new(BoostQuery::new(Box::new(BooleanQuery::new(clauses)), boost))
+        };
+        let text_query: Box<dyn Query> = Box::new(BooleanQuery::new(vec![
+            (Occur::Should, field_query(f.question, b.question)),
+            (Occur::Should, field_query(f.alt_questions, b.alt_questions)),
+            (Occur::Should, field_query(f.answer, b.answer)),
+        ]));
+        let mut clauses: Vec<(Occur, Box<dyn Query>)> = vec![(Occur::Must, text_query)];
+        for (field, value) in [(f.category, &opts.category), (f.lang, &opts.lang)] {
+            if let Some(v) = value {
+                clauses.push((
+                    Occur::Must,
+                    Box::new(TermQuery::new(Term::from_field_text(field, v), IndexRecordOption::Basic)),
+                ));
+            }
+        }
+        let searcher = self.reader.searcher();
+        let top = searcher.search(&BooleanQuery::new(clauses), &TopDocs::with_limit(opts.k).order_by_score())?;
+        if top.is_empty() {
+            return Ok(Vec::new());
+        }
+        let idf = self.idf(&searcher, &qterms)?;
+        let total: f32 = idf.iter().sum();
+        let qset: HashSet<String> = qterms.iter().cloned().collect();
+        let mut analyzer = self.analyzer.clone();
+        let mut hits = Vec::with_capacity(top.len());
+        for (score, addr) in top {
+            let e = self.entry(&searcher.doc(addr)?);
+            // IDF-weighted share of the query terms a text holds.
+            let mut coverage = |text: &str| -> f32 {
+                let have: HashSet<String> = terms(&mut analyzer, text).into_iter().collect();
+                let got: f32 = qterms.iter().zip(&idf).filter(|(t, _)| have.contains(*t)).map(|(_, w)| w).sum();
+                if total > 0.0 { (got / total).clamp(0.0, 1.0) } else { 0.0 }
+            };
+            let cq = coverage(&e.question);
+            let (best_alt, ca) = e
+                .alt_questions
+                .iter()
+                .map(|a| (a.as_str(), coverage(a)))
+                .fold(("", 0.0f32), |best, x| if x.1 > best.1 { x } else { best });
+            let cans = coverage(&e.answer);
+            let (matched_field, text) = if cq >= ca && cq >= cans {
+                (MatchedField::Question, e.question.as_str())
+            } else if ca >= cans {
+                (MatchedField::AltQuestion, best_alt)
+            } else {
+                (MatchedField::Answer, e.answer.as_str())
+            };
+            let snippet = highlight(&mut analyzer, text, &qset, SNIPPET_CHARS);
+            hits.push(FaqHit {
+                id: e.id,
+                score,
+                question: e.question,
+                answer: e.answer,
+                category: e.category,
+                lang: e.lang,
+                matched_field,
+                snippet,
+                confidence: cq.max(ca),
+            });
+        }
+        Ok(hits)
+    }
+
+    /// BM25 IDF of each term over the question field.
+    fn idf(&self, searcher: &Searcher, qterms: &[String]) -> Result<Vec<f32>> {
+        let n = searcher.num_docs() as f32;
+        qterms
+            .iter()
+            .map(|t| {
+                let df = searcher.doc_freq(&Term::from_field_text(self.fields.question, t))? as f32;
+                Ok((1.0 + (n - df + 0.5) / (df + 0.5)).ln())
+            })
+            .collect()
+    }
+
+    /// Document frequencies of `query`'s terms on this shard.
+    pub fn term_stats(&self, query: &str) -> Result<TermStats> {
+        let searcher = self.reader.searcher();
+        let f = self.fields;
+        let df = |field, t: &str| searcher.doc_freq(&Term::from_field_text(field, t));
+        let terms = self
+            .query_terms(query)
+            .into_iter()
+            .map(|t| {
+                let (q, a, ans) = (df(f.question, &t)?, df(f.alt_questions, &t)?, df(f.answer, &t)?);
+                Ok((t, q, a, ans))
+            })
+            .collect::<Result<_>>()?;
+        Ok(TermStats { num_docs: searcher.num_docs(), terms })
+    }
+
+    pub fn stats(&self) -> ShardStats {
+        let searcher = self.reader.searcher();
+        let c = self.cache_counters();
+        ShardStats {
+            num_docs: searcher.num_docs(),
+            segments: searcher.segment_readers().len(),
+            cache_entries: self.cache.len(),
+            cache_hits: c.hits.load(std::sync::atomic::Ordering::Relaxed),
+            cache_misses: c.misses.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    pub fn cache_counters(&self) -> Arc<CacheCounters> {
+        self.cache.counters()
+    }
+
+    /// The underlying index (for maintenance tools).
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, q: &str, a: &str, cat: &str, lang: &str) -> FaqEntry {
+        FaqEntry {
+            id: id.into(),
+            question: q.into(),
+            answer: a.into(),
+            category: cat.into(),
+            lang: lang.into(),
+            ..FaqEntry::default()
+        }
+    }
+
+    fn demo(dir: &Path) -> FaqShard {
+        let shard = FaqShard::open(dir, &ShardConfig::default()).unwrap();
+        shard
+            .upsert(&[
+                entry("r1", "退货政策是什么？", "收到商品后30天内可无理由退货。", "returns", "zh"),
+                entry("r2", "退款多久到账？", "退款在收到退货后5个工作日内原路退回。", "refunds", "zh"),
+                entry(
+                    "s1",
+                    "How long does shipping take?",
+                    "Standard shipping takes 3-5 business days.",
+                    "shipping",
+                    "en",
+                ),
+                FaqEntry {
+                    alt_questions: vec!["Can I get an invoice for my order?".into()],
+                    ..entry("i1", "如何开具发票？", "在订单详情页申请电子发票。", "invoices", "zh")
+                },
+            ])
+            .unwrap();
+        shard
+    }
+
+    #[test]
+    fn finds_chinese_english_and_paraphrases() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = demo(dir.path());
+        let hits = shard.search("退货政策是什么?", &SearchOptions::default()).unwrap();
+        assert_eq!(hits[0].id, "r1");
+        assert_eq!(hits[0].matched_field, MatchedField::Question);
+        assert!(hits[0].snippet.contains("<b>"), "{}", hits[0].snippet);
+        assert!(hits[0].confidence > 0.9, "{}", hits[0].confidence);
+        let hits = shard.search("shipping time", &SearchOptions::default()).unwrap();
+        assert_eq!(hits[0].id, "s1");
+        let hits = shard.search("invoice for orders", &SearchOptions::default()).unwrap();
+        assert_eq!(hits[0].id, "i1");
+        assert_eq!(hits[0].matched_field, MatchedField::AltQuestion);
+        // Nothing in common: no hits rather than noise.
+        assert!(shard.search("？！", &SearchOptions::default()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn filters_by_category_and_lang() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = demo(dir.path());
+        let opts = SearchOptions { category: Some("refunds".into()), ..SearchOptions::default() };
+        let hits = shard.search("退货", &opts).unwrap();
+        assert!(hits.iter().all(|h| h.category == "refunds") && !hits.is_empty());
+        let opts = SearchOptions { lang: Some("en".into()), ..SearchOptions::default() };
+        assert!(shard.search("退货", &opts).unwrap().is_empty());
+    }
+
+    #[test]
+    fn upsert_replaces_delete_removes_and_both_invalidate_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = demo(dir.path());
+        let first = shard.search("退货政策是什么？", &SearchOptions::default()).unwrap();
+        // A normalised repeat is served from the cache: the very same result.
+        let again = shard.search("  退货政策是什么? ", &SearchOptions::default()).unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(shard.stats().cache_hits, 1);
+
+        shard.upsert(&[entry("r1", "退货政策是什么？", "新政策：60天内可退货。", "returns", "zh")]).unwrap();
+        let after = shard.search("退货政策是什么？", &SearchOptions::default()).unwrap();
+        assert!(!Arc::ptr_eq(&first, &after));
+        assert!(after[0].answer.contains("60天"));
+        assert_eq!(shard.stats().num_docs, 4, "upsert must replace, not add");
+
+        assert!(shard.delete("r1").unwrap());
+        assert!(!shard.delete("r1").unwrap());
+        let hits = shard.search("退货政策是什么？", &SearchOptions::default()).unwrap();
+        assert!(hits.iter().all(|h| h.id != "r1"));
+    }
+
+    #[test]
+    fn reopen_keeps_committed_entries_and_term_stats_count_them() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(demo(dir.path()));
+        let shard = FaqShard::open(dir.path(), &ShardConfig::default()).unwrap();
+        assert_eq!(shard.stats().num_docs, 4);
+        assert_eq!(shard.get("s1").unwrap().unwrap().lang, "en");
+        let ts = shard.term_stats("退款 shipping").unwrap();
+        assert_eq!(ts.num_docs, 4);
+        let refund = ts.terms.iter().find(|t| t.0 == "退款").unwrap();
+        assert_eq!((refund.1, refund.3), (1, 1));
+    }
+
+    #[test]
+    fn invalid_entries_are_rejected_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = FaqShard::open(dir.path(), &ShardConfig::default()).unwrap();
+        let err = shard.stage(&entry("x", "  ", "a", "", "")).unwrap_err();
+        assert!(matches!(err, ShardError::InvalidEntry { source: EntryError::MissingQuestion, .. }));
+        let huge = "退".repeat(crate::entry::MAX_FIELD_BYTES);
+        let err = shard.stage(&entry("x", "q", &huge, "", "")).unwrap_err();
+        assert!(matches!(err, ShardError::InvalidEntry { source: EntryError::TooLarge { field: "answer", .. }, .. }));
+    }
+}

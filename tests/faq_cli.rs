@@ -1,0 +1,93 @@
+//! The `ragnode faq` commands as a user runs them: a real binary, a real tantivy index on disk.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+
+use ragnode_retrieval::{FaqShard, SearchOptions, ShardConfig};
+use ragnode_tests::ragnode_bin;
+
+/// `kill -9` part-way through a large ingest: the index reopens and holds every row the
+/// process reported committed.
+#[test]
+fn ingest_killed_mid_file_keeps_every_reported_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("big.jsonl");
+    let rows = 300_000;
+    {
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&file).unwrap());
+        for i in 0..rows {
+            writeln!(
+                w,
+                r#"{{"id": "e{i}", "question": "第{i}号问题：订单{i}如何退货退款？ order {i} refund", "answer": "answer {i}"}}"#
+            )
+            .unwrap();
+        }
+    }
+    let index = dir.path().join("index");
+    let mut child = Command::new(ragnode_bin())
+        .args(["faq", "ingest"])
+        .arg(&file)
+        .arg("--index")
+        .arg(&index)
+        .args(["--batch-rows", "5000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut reported = 0u64;
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    while let Some(Ok(line)) = lines.next() {
+        if let Some(n) = line.strip_prefix("committed ").and_then(|r| r.strip_suffix(" rows")) {
+            reported = n.parse().unwrap();
+            if reported >= 15_000 {
+                break;
+            }
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(reported >= 15_000, "the ingest ended before reporting 3 commits");
+    assert!(reported < rows, "killed too late to test anything: all {rows} rows were committed");
+
+    let shard = FaqShard::open(&index, &ShardConfig::default()).expect("index reopens after kill -9");
+    let n = shard.stats().num_docs;
+    assert!(n >= reported, "{n} entries on disk, {reported} reported committed");
+    for i in [0, 1, reported / 2, reported - 1] {
+        assert!(shard.get(&format!("e{i}")).unwrap().is_some(), "row {i} was reported committed but is missing");
+    }
+    // Usable: searchable and writable again.
+    let hits = shard.search("订单7如何退货", &SearchOptions::default()).unwrap();
+    assert!(!hits.is_empty());
+}
+
+#[test]
+fn ingest_reports_rejected_rows_with_file_and_line_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("faq.csv");
+    std::fs::write(&file, "id,question,answer\nr1,退货政策是什么？,30天内可退货。\nr2,,没有问题\nr1,重复,dup\n")
+        .unwrap();
+    let out = Command::new(ragnode_bin())
+        .args(["faq", "ingest"])
+        .arg(&file)
+        .arg("--index")
+        .arg(dir.path().join("index"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let path = file.display().to_string();
+    assert!(stderr.contains(&format!("{path}:3: rejected: missing question")), "{stderr}");
+    assert!(stderr.contains(&format!("{path}:4: rejected: duplicate id")), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("1 rows committed, 2 rejected"), "{stdout}");
+
+    let out = Command::new(ragnode_bin())
+        .args(["faq", "search", "退货政策是什么?", "--json", "--index"])
+        .arg(dir.path().join("index"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let hits: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(hits[0]["id"], "r1");
+    assert_eq!(hits[0]["matched_field"], "question");
+}
