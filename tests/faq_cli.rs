@@ -91,3 +91,31 @@ fn ingest_reports_rejected_rows_with_file_and_line_and_exits_non_zero() {
     assert_eq!(hits[0]["id"], "r1");
     assert_eq!(hits[0]["matched_field"], "question");
 }
+
+/// The demo FAQ shipped in `data/` ingests cleanly and answers typical questions in both
+/// languages, including full-width and paraphrased input.
+#[test]
+fn demo_faq_answers_chinese_and_english_questions() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/faq-demo.jsonl");
+    let index = dir.path().join("index");
+    let out =
+        Command::new(ragnode_bin()).args(["faq", "ingest"]).arg(&demo).arg("--index").arg(&index).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shard = FaqShard::open(&index, &ShardConfig::default()).unwrap();
+    assert!(shard.stats().num_docs >= 200);
+    for (q, want) in [
+        ("退货政策是什么？", "zh-001"),
+        ("退款多久能到账", "zh-009"),
+        ("ＶＩＰ会员怎么开通", "zh-039"),
+        ("How long does delivery take?", "en-016"),
+        ("I was charged twice", "en-027"),
+        ("refund after returning an item", "en-003"),
+    ] {
+        let hits = shard.search(q, &SearchOptions::default()).unwrap();
+        let top: Vec<&str> = hits.iter().take(3).map(|h| h.id.as_str()).collect();
+        assert!(top.contains(&want), "{q}: expected {want} in the top 3, got {top:?}");
+    }
+    let en_only = SearchOptions { lang: Some("en".into()), ..SearchOptions::default() };
+    assert!(shard.search("退货", &en_only).unwrap().iter().all(|h| h.lang == "en"));
+}
