@@ -119,3 +119,27 @@ fn demo_faq_answers_chinese_and_english_questions() {
     let en_only = SearchOptions { lang: Some("en".into()), ..SearchOptions::default() };
     assert!(shard.search("退货", &en_only).unwrap().iter().all(|h| h.lang == "en"));
 }
+
+/// `--rebuild` replaces the shard's contents; `delete` removes one entry and fails clearly
+/// for an unknown id; `stats` reports the count.
+#[test]
+fn rebuild_delete_and_stats() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = dir.path().join("index");
+    let run = |args: &[&str]| {
+        Command::new(ragnode_bin()).args(["faq"]).args(args).arg("--index").arg(&index).output().unwrap()
+    };
+    let (a, b) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+    std::fs::write(&a, "{\"id\": \"a1\", \"question\": \"q1\"}\n{\"id\": \"a2\", \"question\": \"q2\"}\n").unwrap();
+    std::fs::write(&b, "{\"id\": \"b1\", \"question\": \"q3\"}\n").unwrap();
+    assert!(run(&["ingest", a.to_str().unwrap()]).status.success());
+    assert!(run(&["ingest", b.to_str().unwrap(), "--rebuild"]).status.success());
+    let stats: serde_json::Value = serde_json::from_slice(&run(&["stats"]).stdout).unwrap();
+    assert_eq!(stats["num_docs"], 1, "rebuild keeps only the new file's entries");
+    assert!(run(&["delete", "b1"]).status.success());
+    let out = run(&["delete", "b1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no entry with id \"b1\""));
+    let stats: serde_json::Value = serde_json::from_slice(&run(&["stats"]).stdout).unwrap();
+    assert_eq!(stats["num_docs"], 0);
+}

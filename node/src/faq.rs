@@ -48,7 +48,8 @@ struct IngestArgs {
     /// Rows per durable commit.
     #[arg(long, default_value_t = 10_000)]
     batch_rows: usize,
-    /// Replace the shard's contents with the file's (a full rebuild).
+    /// Replace the shard's contents with the file's (a full rebuild). The old entries go
+    /// with the first commit, so an interrupted rebuild leaves the rows committed so far.
     #[arg(long)]
     rebuild: bool,
 }
