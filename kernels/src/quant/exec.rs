@@ -97,6 +97,46 @@ impl Blocking {
     }
 }
 
+impl Blocking {
+    /// Walks `rows × tiles` in chunks of [`ROW_CHUNK`] rows, groups of `self.tiles`
+    /// tiles and groups of up to `min(self.rows, max_rows)` rows, calling
+    /// `call(rn, tn, r, t)` for `rn` rows from `r` × `tn` tiles from `t`, where
+    /// `tn = tiles_per_call(rn, tiles left in the group)` (what the kernel for `rn` rows
+    /// supports).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) fn walk(
+        self,
+        rows: Range<usize>,
+        tiles: Range<usize>,
+        max_rows: usize,
+        tiles_per_call: impl Fn(usize, usize) -> usize,
+        mut call: impl FnMut(usize, usize, usize, usize),
+    ) {
+        let row_group = self.rows.clamp(1, max_rows);
+        let mut rc = rows.start;
+        while rc < rows.end {
+            let rc_end = rows.end.min(rc + ROW_CHUNK);
+            let mut t = tiles.start;
+            while t < tiles.end {
+                let t_end = tiles.end.min(t + self.tiles.max(1));
+                let mut r = rc;
+                while r < rc_end {
+                    let rn = row_group.min(rc_end - r);
+                    let mut tt = t;
+                    while tt < t_end {
+                        let tn = tiles_per_call(rn, t_end - tt).max(1);
+                        call(rn, tn, r, tt);
+                        tt += tn;
+                    }
+                    r += rn;
+                }
+                t = t_end;
+            }
+            rc = rc_end;
+        }
+    }
+}
+
 /// Batches up to this many rows run as one row group over single tiles.
 const SMALL_M: usize = 8;
 

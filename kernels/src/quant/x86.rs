@@ -15,7 +15,7 @@
 //! and use the `sign` trick for `vpmaddubsw`.
 
 use super::acts::{ActKind, ActRowsMut, QActs, q8_1_s};
-use super::exec::{Blocking, OutPtr, ROW_CHUNK};
+use super::exec::{Blocking, OutPtr};
 use super::layout::{Format, Packed, QK, QK_K, TILE};
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -384,30 +384,9 @@ pub(crate) unsafe fn run_avx512(
             return unsafe { super::x86k::run_avx512(p, a, rows, tiles, y, blocking) };
         }
     };
-    let max_rows = blocking.rows.clamp(1, 8);
-    let mut rc = rows.start;
-    while rc < rows.end {
-        let rc_end = rows.end.min(rc + ROW_CHUNK);
-        let mut t = tiles.start;
-        while t < tiles.end {
-            let t_end = tiles.end.min(t + blocking.tiles);
-            let mut r = rc;
-            while r < rc_end {
-                let rn = max_rows.min(rc_end - r);
-                let mut tt = t;
-                while tt < t_end {
-                    let tn = tiles512(rn, t_end - tt);
-                    // SAFETY: forwarded from this function's contract; `rn` rows from `r`
-                    // and `tn` tiles from `tt` are in range.
-                    unsafe { pick(rn, tn)(p, a, r, tt, y) };
-                    tt += tn;
-                }
-                r += rn;
-            }
-            t = t_end;
-        }
-        rc = rc_end;
-    }
+    // SAFETY: forwarded from this function's contract; `walk` keeps every call's `rn`
+    // rows from `r` and `tn = tiles512(rn, ..)` tiles from `t` in range.
+    blocking.walk(rows, tiles, 8, tiles512, |rn, tn, r, t| unsafe { pick(rn, tn)(p, a, r, t, y) });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -565,21 +544,15 @@ pub(crate) unsafe fn run_avx2(
             return unsafe { super::x86k::run_avx2(p, a, rows, tiles, y, blocking) };
         }
     };
-    let max_rows = blocking.rows.clamp(1, 4);
-    let mut rc = rows.start;
-    while rc < rows.end {
-        let rc_end = rows.end.min(rc + ROW_CHUNK);
-        for t in tiles.clone() {
-            let mut r = rc;
-            while r < rc_end {
-                let rn = max_rows.min(rc_end - r);
-                // SAFETY: forwarded from this function's contract.
-                unsafe { pick(rn)(p, a, r, t, y) };
-                r += rn;
-            }
-        }
-        rc = rc_end;
-    }
+    // One tile per call; SAFETY: forwarded from this function's contract, `walk` keeps
+    // every call's rows and tile in range.
+    Blocking { rows: blocking.rows, tiles: 1 }.walk(
+        rows,
+        tiles,
+        4,
+        |_, _| 1,
+        |rn, _, r, t| unsafe { pick(rn)(p, a, r, t, y) },
+    );
 }
 
 // ---------------------------------------------------------------------------------------

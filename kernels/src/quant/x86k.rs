@@ -7,7 +7,7 @@
 //! The float update is [`super::kquants`]'s, lane-wise, so results match it bit for bit.
 
 use super::acts::QActs;
-use super::exec::{Blocking, OutPtr, ROW_CHUNK};
+use super::exec::{Blocking, OutPtr};
 use super::kquants::{
     K45_D, K45_DMIN, K45_HEAD, K45_MN, K45_SC, Q4K_SUB, Q4K_TILE_BLOCK, Q5K_SUB, Q5K_TILE_BLOCK, Q6K_D, Q6K_HEAD,
     Q6K_SC, Q6K_SUB, Q6K_TILE_BLOCK,
@@ -254,41 +254,6 @@ fn pick512<const KIND: u8>(rows: usize, tiles: usize) -> TileFn {
     }
 }
 
-/// Walks `rows × tiles` in row chunks, tile groups and row groups.
-///
-/// # Safety
-/// `pick(rn, tn)` kernels' contracts hold for every `rn ≤ max_rows`, `tn = tiles_k(rn, ..)`
-/// inside the ranges.
-unsafe fn walk(
-    rows: Range<usize>,
-    tiles: Range<usize>,
-    blocking: Blocking,
-    max_rows: usize,
-    call: impl Fn(usize, usize, usize, usize),
-) {
-    let mut rc = rows.start;
-    while rc < rows.end {
-        let rc_end = rows.end.min(rc + ROW_CHUNK);
-        let mut t = tiles.start;
-        while t < tiles.end {
-            let t_end = tiles.end.min(t + blocking.tiles.max(1));
-            let mut r = rc;
-            while r < rc_end {
-                let rn = blocking.rows.clamp(1, max_rows).min(rc_end - r);
-                let mut tt = t;
-                while tt < t_end {
-                    let tn = tiles_k(rn, t_end - tt);
-                    call(rn, tn, r, tt);
-                    tt += tn;
-                }
-                r += rn;
-            }
-            t = t_end;
-        }
-        rc = rc_end;
-    }
-}
-
 /// Runs `rows × tiles` of a K-quant matmul with the AVX-512 VNNI kernels.
 ///
 /// # Safety
@@ -308,7 +273,7 @@ pub(crate) unsafe fn run_avx512(
         _ => pick512::<K_Q6>,
     };
     // SAFETY: forwarded from this function's contract; `walk` keeps (rn, tn) supported.
-    unsafe { walk(rows, tiles, blocking, 4, |rn, tn, r, t| pick(rn, tn)(p, a, r, t, y)) };
+    blocking.walk(rows, tiles, 4, tiles_k, |rn, tn, r, t| unsafe { pick(rn, tn)(p, a, r, t, y) });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -517,6 +482,6 @@ pub(crate) unsafe fn run_avx2(
         // SAFETY: forwarded from this function's contract.
         unsafe { f(p, a, r, t, y) };
     };
-    // SAFETY: `call` runs 1 tile for rn ≤ 2 rows, as `walk` asks with `tiles = 1`.
-    unsafe { walk(rows, tiles, one_tile, 2, call) };
+    // `call` runs 1 tile for rn ≤ 2 rows, as `walk` asks with `tiles = 1`.
+    one_tile.walk(rows, tiles, 2, |_, _| 1, call);
 }
