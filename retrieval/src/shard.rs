@@ -21,7 +21,7 @@ use tantivy::collector::TopDocs;
 use tantivy::query::{BooleanQuery, BoostQuery, Occur, Query, TermQuery};
 use tantivy::schema::{IndexRecordOption, Value};
 use tantivy::tokenizer::TextAnalyzer;
-use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, Searcher, TantivyDocument, Term};
+use tantivy::{DocSet, Index, IndexReader, IndexWriter, ReloadPolicy, Searcher, TantivyDocument, Term};
 
 use crate::analyzer::{FAQ_ANALYZER, faq_analyzer, terms};
 use crate::cache::{CacheCounters, DEFAULT_CAPACITY, DEFAULT_TTL, HotAnswerCache, normalize_question};
@@ -371,7 +371,22 @@ impl FaqShard {
                 .iter()
                 .map(|a| (a.as_str(), coverage(a)))
                 .fold(("", 0.0f32), |best, x| if x.1 > best.1 { x } else { best });
-            let cans = coverage(&e.answer);
+            // Answers can be long: which query terms they hold comes from the index's
+            // postings instead of re-analysing the text.
+            let cans = {
+                let seg = searcher.segment_reader(addr.segment_ord).inverted_index(f.answer)?;
+                let mut got = 0.0;
+                for (t, w) in qterms.iter().zip(&idf) {
+                    let term = Term::from_field_text(f.answer, t);
+                    if let Some(mut postings) =
+                        seg.read_postings(&term, IndexRecordOption::Basic).map_err(tantivy::TantivyError::from)?
+                        && postings.seek(addr.doc_id) == addr.doc_id
+                    {
+                        got += w;
+                    }
+                }
+                if total > 0.0 { (got / total).clamp(0.0, 1.0) } else { 0.0 }
+            };
             let (matched_field, text) = if cq >= ca && cq >= cans {
                 (MatchedField::Question, e.question.as_str())
             } else if ca >= cans {

@@ -10,8 +10,15 @@ use tantivy::tokenizer::{TextAnalyzer, TokenStream};
 /// Context kept before the first highlighted term, in characters.
 const LEAD_CHARS: usize = 20;
 
-/// The best window of about `max_chars` characters of `text`, query terms highlighted.
+/// Only this much of a text is searched for the snippet window (the rest of a long answer
+/// is not re-analysed on the query path).
+const SCAN_BYTES: usize = 64 << 10;
+
+/// The best window of about `max_chars` characters of `text` (of its first [`SCAN_BYTES`]),
+/// query terms highlighted.
 pub fn highlight(analyzer: &mut TextAnalyzer, text: &str, query_terms: &HashSet<String>, max_chars: usize) -> String {
+    let full_len = text.len();
+    let text = &text[..text.floor_char_boundary(SCAN_BYTES)];
     let mut ranges = Vec::new();
     let mut stream = analyzer.token_stream(text);
     while stream.advance() {
@@ -62,7 +69,7 @@ pub fn highlight(analyzer: &mut TextAnalyzer, text: &str, query_terms: &HashSet<
         at = b;
     }
     escape_into(&text[at..to], &mut out);
-    if to < text.len() {
+    if to < full_len {
         out.push('…');
     }
     out
@@ -106,6 +113,15 @@ mod tests {
         assert!(s.starts_with('…') && s.ends_with('…'), "{s}");
         assert!(s.contains("&lt;<b>warranty</b>&gt;"), "{s}");
         assert!(s.chars().count() <= 60 + 2 + 30, "{s}");
+    }
+
+    #[test]
+    fn only_the_opening_of_a_huge_text_is_scanned() {
+        let mut a = faq_analyzer();
+        let terms = q(&mut a, "warranty");
+        let text = format!("{}warranty", "退".repeat(SCAN_BYTES));
+        let s = highlight(&mut a, &text, &terms, 40);
+        assert!(!s.contains("<b>") && s.ends_with('…'), "{s}");
     }
 
     #[test]
