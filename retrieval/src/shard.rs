@@ -1,7 +1,9 @@
 //! `FaqShard`: one node's share of the FAQ knowledge base, a tantivy index on disk.
 //!
-//! Lifecycle: [`FaqShard::open`] creates or opens the index in a directory and holds its
-//! single writer (tantivy's directory lock keeps a second process out) and a reader.
+//! Lifecycle: [`FaqShard::open`] creates or opens the index in a directory with a reader;
+//! the index's single writer (tantivy's directory lock keeps a second one out) is taken at
+//! the first write, so read-only users (`ragnode faq search` beside a running ingest)
+//! never contend for it.
 //! Writes are staged with [`FaqShard::stage`] / [`FaqShard::stage_delete`] and made durable
 //! by [`FaqShard::commit`] (tantivy fsyncs the segments and the meta file before it
 //! returns), after which the reader is reloaded and the hot-answer cache cleared. The
@@ -158,7 +160,9 @@ pub struct FaqShard {
     path: PathBuf,
     index: Index,
     reader: IndexReader,
-    writer: Mutex<IndexWriter>,
+    /// Taken at the first write.
+    writer: Mutex<Option<IndexWriter>>,
+    writer_memory_bytes: usize,
     fields: FaqFields,
     analyzer: TextAnalyzer,
     cache: HotAnswerCache<Vec<FaqHit>>,
@@ -178,13 +182,13 @@ impl FaqShard {
         let fields = FaqFields::from_schema(&index.schema())
             .map_err(|reason| ShardError::NotAShard { path: path.clone(), reason })?;
         index.tokenizers().register(FAQ_ANALYZER, faq_analyzer());
-        let writer = index.writer(config.writer_memory_bytes.max(15 << 20)).map_err(open_err)?;
         let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into().map_err(open_err)?;
         Ok(Self {
             path,
             index,
             reader,
-            writer: Mutex::new(writer),
+            writer: Mutex::new(None),
+            writer_memory_bytes: config.writer_memory_bytes.max(15 << 20),
             fields,
             analyzer: faq_analyzer(),
             cache: HotAnswerCache::new(config.cache_capacity, config.cache_ttl),
@@ -196,8 +200,14 @@ impl FaqShard {
         &self.path
     }
 
-    fn writer(&self) -> std::sync::MutexGuard<'_, IndexWriter> {
-        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    /// Runs `f` on the index writer, taking it (and the directory lock) on first use.
+    fn with_writer<R>(&self, f: impl FnOnce(&mut IndexWriter) -> tantivy::Result<R>) -> Result<R> {
+        let mut slot = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let writer = match &mut *slot {
+            Some(w) => w,
+            None => slot.insert(self.index.writer(self.writer_memory_bytes)?),
+        };
+        Ok(f(writer)?)
     }
 
     /// Stages an upsert (replaces any entry with the same id at the next commit).
@@ -217,26 +227,28 @@ impl FaqShard {
         }
         doc.add_text(f.lang, &entry.lang);
         doc.add_i64(f.updated_at, entry.updated_at);
-        let w = self.writer();
-        w.delete_term(Term::from_field_text(f.id, &entry.id));
-        w.add_document(doc)?;
+        self.with_writer(|w| {
+            w.delete_term(Term::from_field_text(f.id, &entry.id));
+            w.add_document(doc)
+        })?;
         Ok(())
     }
 
     /// Stages the deletion of entry `id`.
-    pub fn stage_delete(&self, id: &str) {
-        self.writer().delete_term(Term::from_field_text(self.fields.id, id));
+    pub fn stage_delete(&self, id: &str) -> Result<()> {
+        self.with_writer(|w| Ok(w.delete_term(Term::from_field_text(self.fields.id, id))))?;
+        Ok(())
     }
 
     /// Stages the removal of every entry (a full rebuild then stages the new ones).
     pub fn stage_clear(&self) -> Result<()> {
-        self.writer().delete_all_documents()?;
+        self.with_writer(|w| w.delete_all_documents())?;
         Ok(())
     }
 
     /// Makes every staged change durable and visible; returns the commit's opstamp.
     pub fn commit(&self) -> Result<u64> {
-        let opstamp = self.writer().commit()?;
+        let opstamp = self.with_writer(|w| w.commit())?;
         self.reader.reload()?;
         self.cache.clear();
         Ok(opstamp)
@@ -244,7 +256,7 @@ impl FaqShard {
 
     /// Drops every staged, uncommitted change.
     pub fn rollback(&self) -> Result<()> {
-        self.writer().rollback()?;
+        self.with_writer(|w| w.rollback())?;
         Ok(())
     }
 
@@ -259,7 +271,7 @@ impl FaqShard {
     /// Deletes entry `id` and commits; returns whether it existed.
     pub fn delete(&self, id: &str) -> Result<bool> {
         let existed = self.get(id)?.is_some();
-        self.stage_delete(id);
+        self.stage_delete(id)?;
         self.commit()?;
         Ok(existed)
     }
@@ -559,6 +571,17 @@ mod tests {
         assert_eq!(ts.num_docs, 4);
         let refund = ts.terms.iter().find(|t| t.0 == "退款").unwrap();
         assert_eq!((refund.1, refund.3), (1, 1));
+    }
+
+    #[test]
+    fn a_reader_opens_beside_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = demo(dir.path());
+        writer.stage(&entry("w1", "写入中", "", "", "zh")).unwrap(); // holds the writer
+        let reader = FaqShard::open(dir.path(), &ShardConfig::default()).unwrap();
+        assert_eq!(reader.search("退货政策", &SearchOptions::default()).unwrap()[0].id, "r1");
+        // Only one of them may write.
+        assert!(reader.stage_delete("r1").is_err());
     }
 
     #[test]
