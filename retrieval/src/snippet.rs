@@ -18,7 +18,11 @@ const SCAN_BYTES: usize = 64 << 10;
 /// query terms highlighted.
 pub fn highlight(analyzer: &mut TextAnalyzer, text: &str, query_terms: &HashSet<String>, max_chars: usize) -> String {
     let full_len = text.len();
-    let text = &text[..text.floor_char_boundary(SCAN_BYTES)];
+    let mut end = SCAN_BYTES.min(full_len);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let text = &text[..end];
     let mut ranges = Vec::new();
     let mut stream = analyzer.token_stream(text);
     while stream.advance() {
