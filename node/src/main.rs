@@ -3,8 +3,12 @@
 //! Subcommands:
 //! - `generate`: load a model and stream one completion to stdout (the engine end to end).
 //! - `faq ingest|search|delete|stats`: build and query a FAQ knowledge-base shard.
+//! - `serve`: the node: OpenAI-compatible API, RAG apps, WebSocket chat, web page,
+//!   metrics ([`serve`]; configuration in [`config`]).
 
+mod config;
 mod faq;
+mod serve;
 
 use std::io::Write;
 use std::time::Instant;
@@ -31,6 +35,11 @@ enum Command {
     Generate(GenerateArgs),
     /// FAQ knowledge base: ingest, search, delete, stats.
     Faq(faq::FaqArgs),
+    /// Serve the model and the FAQ over HTTP: OpenAI-compatible API, RAG apps
+    /// (`app:<name>`, Dify-style /v1/chat-messages), WebSocket chat, web page at `/`,
+    /// Prometheus metrics. Every option is also a `RAGNODE_*` env var and a key of the
+    /// --config TOML file (flags > env > file > defaults).
+    Serve(config::ServeArgs),
 }
 
 #[derive(Args)]
@@ -79,17 +88,32 @@ struct GenerateArgs {
 
 fn main() {
     let cli = Cli::parse();
-    if let Some(n) = cli.threads {
+    // The serve config may name the thread count, which must be set before any thread starts.
+    let serve_cfg = match &cli.command {
+        Command::Serve(args) => match config::ServeConfig::load(args, cli.threads) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::exit(2);
+            }
+        },
+        _ => None,
+    };
+    if let Some(n) = serve_cfg.as_ref().and_then(|c| c.threads).or(cli.threads) {
         // SAFETY: set before any thread is spawned; candle and rayon read it at first use.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            if serve_cfg.is_some() { "info,tantivy=warn".into() } else { "warn".into() }
+        }))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
         Command::Generate(args) => generate(args),
         Command::Faq(args) => faq::run(args),
+        Command::Serve(_) => serve::run(serve_cfg.expect("loaded above")),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -392,6 +392,9 @@ impl FaqShard {
                     let term = Term::from_field_text(f.answer, t);
                     if let Some(mut postings) =
                         seg.read_postings(&term, IndexRecordOption::Basic).map_err(tantivy::TantivyError::from)?
+                        // A fresh postings list sits on its first doc; `seek` may only
+                        // move forward from there.
+                        && postings.doc() <= addr.doc_id
                         && postings.seek(addr.doc_id) == addr.doc_id
                     {
                         got += w;

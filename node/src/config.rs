@@ -1,0 +1,462 @@
+//! `ragnode serve` configuration: one typed struct, [`ServeConfig`], filled from (lowest
+//! to highest precedence) built-in defaults, a TOML file (`--config`, env
+//! `RAGNODE_CONFIG`), `RAGNODE_*` environment variables and command-line flags. Clap
+//! reads env vars and flags together (`ServeArgs`); they are laid over the file's values.
+//!
+//! ```toml
+//! listen = "0.0.0.0:8080"
+//! model = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+//! faq_index = "/var/lib/ragnode/index"
+//! audit_log = "/var/log/ragnode/audit.jsonl"
+//!
+//! [engine]
+//! max_num_seqs = 64
+//! kv_cache_mib = 1024
+//!
+//! [limits]
+//! max_body_bytes = 4194304
+//!
+//! [[auth.api_keys]]
+//! id = "shop-bot"
+//! key = "sk-..."
+//!
+//! [[apps]]
+//! name = "faq"
+//! top_k = 3
+//! direct_answer = true
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+/// Everything `ragnode serve` needs.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// A .gguf file, an HF checkpoint directory or a hub repo id.
+    pub model: Option<String>,
+    /// The model id clients use (`/v1/models`); default: the file stem or repo id.
+    pub served_model_name: Option<String>,
+    /// The FAQ shard's index directory (created if missing).
+    pub faq_index: PathBuf,
+    /// FAQ file ingested at start when the index is empty (e.g. the demo FAQ).
+    pub faq_seed: Option<PathBuf>,
+    /// Compute threads (default: candle's choice, the physical cores).
+    pub threads: Option<usize>,
+    /// Where audit lines go: `-` for stdout, a file path to append to, `off` for none.
+    pub audit_log: String,
+    pub engine: EngineSettings,
+    pub limits: Limits,
+    pub auth: AuthConfig,
+    pub cors: CorsConfig,
+    /// RAG apps; default one app named `faq` with the default settings.
+    pub apps: Vec<AppConfig>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            model: None,
+            served_model_name: None,
+            faq_index: PathBuf::from("data/index"),
+            faq_seed: None,
+            threads: None,
+            audit_log: "-".into(),
+            engine: EngineSettings::default(),
+            limits: Limits::default(),
+            auth: AuthConfig::default(),
+            cors: CorsConfig::default(),
+            apps: Vec::new(),
+        }
+    }
+}
+
+/// Engine sizes (see `ragnode_inference::EngineConfig`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineSettings {
+    pub max_num_seqs: usize,
+    pub max_batch_tokens: usize,
+    pub kv_cache_mib: usize,
+    /// Requests that may wait for admission; more are answered 429.
+    pub max_waiting: usize,
+    /// Cap on prompt + completion tokens (default: the model's context).
+    pub max_model_len: Option<usize>,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self { max_num_seqs: 64, max_batch_tokens: 512, kv_cache_mib: 1024, max_waiting: 256, max_model_len: None }
+    }
+}
+
+/// Request limits.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request body; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Longest a request may run (non-streaming: 504; streaming: the stream ends with an
+    /// error event).
+    pub request_timeout_secs: u64,
+    /// Largest WebSocket message from a client.
+    pub ws_max_message_bytes: usize,
+    /// Seconds between server pings on a WebSocket; a socket that misses two pongs is closed.
+    pub ws_ping_interval_secs: u64,
+    /// Requests in flight on one WebSocket.
+    pub ws_max_inflight: usize,
+    /// Conversations kept server-side (least recently used dropped first).
+    pub max_conversations: usize,
+    /// Messages kept per conversation (oldest dropped first).
+    pub conversation_max_messages: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 4 << 20,
+            request_timeout_secs: 300,
+            ws_max_message_bytes: 256 << 10,
+            ws_ping_interval_secs: 30,
+            ws_max_inflight: 8,
+            max_conversations: 10_000,
+            conversation_max_messages: 20,
+        }
+    }
+}
+
+/// API keys. With none configured the API is open (a warning is logged).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Keys for the inference API (`/v1/...`, the WebSocket).
+    pub api_keys: Vec<ApiKey>,
+    /// Keys for the FAQ admin API (`/v1/admin/...`); they also work as API keys.
+    pub admin_keys: Vec<ApiKey>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// Named in audit lines instead of the key itself.
+    pub id: String,
+    pub key: String,
+    /// The app this key's Dify-style `/v1/chat-messages` calls go to (default: the first app).
+    #[serde(default)]
+    pub app: Option<String>,
+}
+
+/// Cross-origin access for browsers.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Allowed origins; `*` for any; empty: no CORS headers (same-origin only).
+    pub allow_origins: Vec<String>,
+}
+
+/// The seed's "Knowledge Q&A" prompt: answer the question from the FAQ answer in a
+/// friendly tone, briefly, then name the source. Variables: `question`, `faq_answer`
+/// (the retrieved answers), `sources` (list of {id, question, answer, score, confidence}).
+pub const DEFAULT_PROMPT_TEMPLATE: &str = "\
+你是一家网店的客服助手。请根据下面的知识库内容，用友好的语气回答用户的问题，\
+不超过100个字（英文问题用英文回答，不超过100个词），最后写“来源: ”和所依据的问题。
+
+知识库内容:
+{{ faq_answer }}
+
+用户问题: {{ question }}";
+
+/// A RAG app: retrieve from the FAQ, prompt, generate.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppConfig {
+    /// Addressed as model `app:<name>` and in `/v1/chat-messages?app=<name>`.
+    pub name: String,
+    /// minijinja template of the user turn sent to the model.
+    pub prompt_template: String,
+    /// System message before the conversation.
+    pub system_prompt: Option<String>,
+    /// FAQ hits retrieved.
+    pub top_k: usize,
+    /// Hits below this confidence are not given to the model.
+    pub min_confidence: f32,
+    /// Answer a hit at or above `direct_answer_confidence` with its stored answer,
+    /// without the model.
+    pub direct_answer: bool,
+    pub direct_answer_confidence: f32,
+    /// Answer when no hit reaches `min_confidence` (instead of asking the model).
+    pub no_answer: Option<String>,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub max_tokens: usize,
+    /// Cache first-turn answers per normalised question.
+    pub cache: bool,
+}
+
+impl Default for AppConfig {
+    fn default() -> Self {
+        Self {
+            name: "faq".into(),
+            prompt_template: DEFAULT_PROMPT_TEMPLATE.into(),
+            system_prompt: None,
+            top_k: 3,
+            min_confidence: 0.2,
+            direct_answer: true,
+            direct_answer_confidence: 0.8,
+            no_answer: None,
+            temperature: 0.3,
+            top_p: 1.0,
+            max_tokens: 100,
+            cache: true,
+        }
+    }
+}
+
+/// Flags of `ragnode serve`; each can also be set by the env var named in `--help`, and
+/// all of them (and more) in the `--config` file.
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// TOML config file (see ARCHITECTURE.md / node/src/config.rs for every key).
+    #[arg(long, env = "RAGNODE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "RAGNODE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// A .gguf file, an HF checkpoint directory, or a Hugging Face repo id.
+    #[arg(long, env = "RAGNODE_MODEL")]
+    pub model: Option<String>,
+    /// Model id served to clients [default: the model file stem].
+    #[arg(long, env = "RAGNODE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// FAQ index directory [default: data/index].
+    #[arg(long, env = "RAGNODE_FAQ_INDEX")]
+    pub faq_index: Option<PathBuf>,
+    /// FAQ file (JSONL/JSON/CSV) ingested at start if the index is empty.
+    #[arg(long, env = "RAGNODE_FAQ_SEED")]
+    pub faq_seed: Option<PathBuf>,
+    /// API key, `KEY` or `ID=KEY` (repeatable; env: comma-separated).
+    #[arg(long = "api-key", env = "RAGNODE_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+    /// Admin key for the FAQ admin API, `KEY` or `ID=KEY` (repeatable; env: comma-separated).
+    #[arg(long = "admin-key", env = "RAGNODE_ADMIN_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub admin_keys: Vec<String>,
+    /// Audit log: `-` (stdout), a file to append to, or `off` [default: -].
+    #[arg(long, env = "RAGNODE_AUDIT_LOG")]
+    pub audit_log: Option<String>,
+    /// Sequences decoding together [default: 64].
+    #[arg(long, env = "RAGNODE_MAX_NUM_SEQS")]
+    pub max_num_seqs: Option<usize>,
+    /// Token budget of one engine step [default: 512].
+    #[arg(long, env = "RAGNODE_MAX_BATCH_TOKENS")]
+    pub max_batch_tokens: Option<usize>,
+    /// KV-cache memory in MiB [default: 1024].
+    #[arg(long, env = "RAGNODE_KV_CACHE_MIB")]
+    pub kv_cache_mib: Option<usize>,
+    /// Requests waiting for admission before 429 [default: 256].
+    #[arg(long, env = "RAGNODE_MAX_WAITING")]
+    pub max_waiting: Option<usize>,
+    /// Cap on prompt + completion tokens [default: the model's context].
+    #[arg(long, env = "RAGNODE_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+    /// Largest request body in bytes [default: 4 MiB].
+    #[arg(long, env = "RAGNODE_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Per-request time limit in seconds [default: 300].
+    #[arg(long, env = "RAGNODE_REQUEST_TIMEOUT_SECS")]
+    pub request_timeout_secs: Option<u64>,
+    /// Seconds between WebSocket pings [default: 30].
+    #[arg(long, env = "RAGNODE_WS_PING_INTERVAL_SECS")]
+    pub ws_ping_interval_secs: Option<u64>,
+    /// Allowed CORS origin, or `*` (repeatable; env: comma-separated).
+    #[arg(long = "cors-origin", env = "RAGNODE_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+}
+
+impl ServeConfig {
+    /// Builds the config: defaults, then the file, then env vars and flags; validated.
+    pub fn load(args: &ServeArgs, threads: Option<usize>) -> Result<Self> {
+        let mut cfg = match &args.config {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        cfg.apply(args, threads)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+        // toml's errors name the line and column.
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+    }
+
+    fn apply(&mut self, a: &ServeArgs, threads: Option<usize>) -> Result<()> {
+        fn set<T: Clone>(dst: &mut T, v: &Option<T>) {
+            if let Some(v) = v {
+                *dst = v.clone();
+            }
+        }
+        set(&mut self.listen, &a.listen);
+        if a.model.is_some() {
+            self.model = a.model.clone();
+        }
+        if a.served_model_name.is_some() {
+            self.served_model_name = a.served_model_name.clone();
+        }
+        set(&mut self.faq_index, &a.faq_index);
+        if a.faq_seed.is_some() {
+            self.faq_seed = a.faq_seed.clone();
+        }
+        if threads.is_some() {
+            self.threads = threads;
+        }
+        set(&mut self.audit_log, &a.audit_log);
+        set(&mut self.engine.max_num_seqs, &a.max_num_seqs);
+        set(&mut self.engine.max_batch_tokens, &a.max_batch_tokens);
+        set(&mut self.engine.kv_cache_mib, &a.kv_cache_mib);
+        set(&mut self.engine.max_waiting, &a.max_waiting);
+        if a.max_model_len.is_some() {
+            self.engine.max_model_len = a.max_model_len;
+        }
+        set(&mut self.limits.max_body_bytes, &a.max_body_bytes);
+        set(&mut self.limits.request_timeout_secs, &a.request_timeout_secs);
+        set(&mut self.limits.ws_ping_interval_secs, &a.ws_ping_interval_secs);
+        for (i, spec) in a.api_keys.iter().enumerate() {
+            self.auth.api_keys.push(parse_key(spec, "key", i)?);
+        }
+        for (i, spec) in a.admin_keys.iter().enumerate() {
+            self.auth.admin_keys.push(parse_key(spec, "admin", i)?);
+        }
+        self.cors.allow_origins.extend(a.cors_origins.iter().cloned());
+        if self.apps.is_empty() {
+            self.apps.push(AppConfig::default());
+        }
+        Ok(())
+    }
+
+    /// Rejects values that cannot work, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        if self.model.is_none() {
+            bail!("no model: pass --model PATH (or set RAGNODE_MODEL, or `model` in the config file)");
+        }
+        let e = &self.engine;
+        if e.max_num_seqs == 0 || e.max_batch_tokens == 0 || e.kv_cache_mib == 0 {
+            bail!("engine.max_num_seqs, engine.max_batch_tokens and engine.kv_cache_mib must be > 0");
+        }
+        let l = &self.limits;
+        if l.max_body_bytes < 1024 {
+            bail!("limits.max_body_bytes must be at least 1024");
+        }
+        if l.request_timeout_secs == 0 || l.ws_ping_interval_secs == 0 || l.ws_max_inflight == 0 {
+            bail!("limits.request_timeout_secs, ws_ping_interval_secs and ws_max_inflight must be > 0");
+        }
+        let mut names = std::collections::HashSet::new();
+        for app in &self.apps {
+            if app.name.is_empty() || !app.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                bail!("app name {:?}: use letters, digits, '-', '_' or '.'", app.name);
+            }
+            if !names.insert(app.name.as_str()) {
+                bail!("app {:?} is defined twice", app.name);
+            }
+            if app.top_k == 0 || app.max_tokens == 0 {
+                bail!("app {:?}: top_k and max_tokens must be > 0", app.name);
+            }
+            if !(0.0..=1.0).contains(&app.min_confidence) || !(0.0..=1.0).contains(&app.direct_answer_confidence) {
+                bail!("app {:?}: confidences must be in [0, 1]", app.name);
+            }
+            if !(app.temperature >= 0.0 && app.top_p > 0.0 && app.top_p <= 1.0) {
+                bail!("app {:?}: temperature must be >= 0 and top_p in (0, 1]", app.name);
+            }
+        }
+        let mut keys = std::collections::HashSet::new();
+        for k in self.auth.api_keys.iter().chain(&self.auth.admin_keys) {
+            if k.key.len() < 8 {
+                bail!("API key {:?} is shorter than 8 characters", k.id);
+            }
+            if !keys.insert(k.key.as_str()) {
+                bail!("API key {:?} is configured twice", k.id);
+            }
+            if let Some(app) = &k.app
+                && !names.contains(app.as_str())
+            {
+                bail!("API key {:?} names app {app:?}, which is not configured", k.id);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `KEY` or `ID=KEY`.
+fn parse_key(spec: &str, prefix: &str, i: usize) -> Result<ApiKey> {
+    let spec = spec.trim();
+    let (id, key) = match spec.split_once('=') {
+        Some((id, key)) if !id.is_empty() => (id.to_string(), key.to_string()),
+        _ => (format!("{prefix}-{}", i + 1), spec.to_string()),
+    };
+    if key.is_empty() {
+        bail!("empty API key in {spec:?}");
+    }
+    Ok(ApiKey { id, key, app: None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_and_defaults_fill_the_rest() {
+        let dir = tempfile_dir();
+        let path = dir.join("ragnode.toml");
+        std::fs::write(
+            &path,
+            "model = \"a.gguf\"\nlisten = \"0.0.0.0:9000\"\n[engine]\nmax_waiting = 7\n[[apps]]\nname = \"shop\"\ntop_k = 5\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            model: Some("b.gguf".into()),
+            api_keys: vec!["bot=sk-12345678".into()],
+            ..Default::default()
+        };
+        let cfg = ServeConfig::load(&args, None).unwrap();
+        assert_eq!(cfg.model.as_deref(), Some("b.gguf"));
+        assert_eq!(cfg.listen.port(), 9000);
+        assert_eq!(cfg.engine.max_waiting, 7);
+        assert_eq!(cfg.engine.max_num_seqs, 64);
+        assert_eq!(cfg.apps.len(), 1);
+        assert_eq!(cfg.apps[0].name, "shop");
+        assert_eq!(cfg.apps[0].top_k, 5);
+        assert_eq!(cfg.apps[0].temperature, 0.3);
+        assert_eq!(cfg.auth.api_keys[0].id, "bot");
+        assert_eq!(cfg.auth.api_keys[0].key, "sk-12345678");
+    }
+
+    #[test]
+    fn errors_name_the_file_line_and_key() {
+        let dir = tempfile_dir();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "model = \"a.gguf\"\n\n[engine]\nmax_wating = 7\n").unwrap();
+        let err = format!("{:#}", ServeConfig::from_file(&path).unwrap_err());
+        assert!(err.contains("bad.toml") && err.contains("line 4") && err.contains("max_wating"), "{err}");
+
+        let mut cfg = ServeConfig { model: Some("m".into()), ..Default::default() };
+        cfg.apps = vec![AppConfig::default(), AppConfig::default()];
+        assert!(cfg.validate().unwrap_err().to_string().contains("defined twice"));
+        let cfg = ServeConfig::default();
+        assert!(cfg.validate().unwrap_err().to_string().contains("--model"));
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ragnode-config-{}-{}", std::process::id(), rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}

@@ -1,0 +1,266 @@
+//! [`AnswerStream`]: one answer as the front ends (OpenAI, Dify, WebSocket) consume it,
+//! whether it comes from the engine or is already known (cache hit, direct FAQ answer).
+//!
+//! It is where per-request serving figures are taken — time to first token,
+//! inter-token latency, end-to-end latency, token counters — and where a finished RAG
+//! answer is appended its source line, stored in the app's cache and recorded in the
+//! audit line. Dropping it drops the engine's `TokenStream`, which cancels the request.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use ragnode_inference::{FinishReason, SampledLogprobs, StreamEvent, TokenStream, Usage};
+
+use super::audit::AuditCell;
+use super::metrics as m;
+use super::rag::{RagApp, Source};
+
+/// An event of an answer.
+#[derive(Debug)]
+pub enum AnswerEvent {
+    Delta { text: String, logprobs: Vec<SampledLogprobs> },
+    Done(AnswerEnd),
+}
+
+/// How an answer ended.
+#[derive(Clone, Debug)]
+pub struct AnswerEnd {
+    /// OpenAI's finish_reason: `stop`, `length`, or ours: `cancelled`, `error`.
+    pub finish_reason: &'static str,
+    pub usage: Usage,
+    /// Set when `finish_reason` is `error`: (code, message).
+    pub error: Option<(&'static str, String)>,
+}
+
+enum Origin {
+    Engine(TokenStream),
+    Known(Option<String>),
+    Ended,
+}
+
+pub struct AnswerStream {
+    origin: Origin,
+    pub sources: Arc<Vec<Source>>,
+    pub cache_hit: bool,
+    /// Appended after a complete model answer.
+    suffix: Option<String>,
+    end_after_suffix: Option<AnswerEnd>,
+    /// Stores the complete answer in this app's cache under this key.
+    cache: Option<(Arc<RagApp>, String)>,
+    text: String,
+    deadline: tokio::time::Instant,
+    audit: Option<Arc<AuditCell>>,
+    started: Instant,
+    last_token: Option<Instant>,
+    prompt_tokens: usize,
+}
+
+impl AnswerStream {
+    /// An answer the engine generates.
+    pub fn engine(stream: TokenStream, prompt_tokens: usize, deadline: tokio::time::Instant) -> Self {
+        Self::new(Origin::Engine(stream), prompt_tokens, deadline)
+    }
+
+    /// An answer known up front.
+    pub fn known(text: String, sources: Arc<Vec<Source>>, cache_hit: bool) -> Self {
+        let mut s = Self::new(Origin::Known(Some(text)), 0, tokio::time::Instant::now());
+        s.sources = sources;
+        s.cache_hit = cache_hit;
+        s
+    }
+
+    fn new(origin: Origin, prompt_tokens: usize, deadline: tokio::time::Instant) -> Self {
+        Self {
+            origin,
+            sources: Arc::new(Vec::new()),
+            cache_hit: false,
+            suffix: None,
+            end_after_suffix: None,
+            cache: None,
+            text: String::new(),
+            deadline,
+            audit: None,
+            started: Instant::now(),
+            last_token: None,
+            prompt_tokens,
+        }
+    }
+
+    pub fn with_sources(mut self, sources: Arc<Vec<Source>>, suffix: Option<String>) -> Self {
+        self.sources = sources;
+        self.suffix = suffix;
+        self
+    }
+
+    pub fn with_cache(mut self, app: Arc<RagApp>, key: Option<String>) -> Self {
+        self.cache = key.map(|k| (app, k));
+        self
+    }
+
+    /// Ties the stream to the request's audit line; latencies count from the request's
+    /// arrival.
+    pub fn with_audit(mut self, cell: Option<Arc<AuditCell>>) -> Self {
+        if let Some(c) = &cell {
+            self.started = c.started;
+            let hit = self.cache_hit;
+            c.update(|r| r.cache_hit = hit);
+        }
+        self.audit = cell;
+        self
+    }
+
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt_tokens
+    }
+
+    /// The next event; `None` after `Done`.
+    pub async fn next(&mut self) -> Option<AnswerEvent> {
+        loop {
+            let ev = match &mut self.origin {
+                Origin::Ended => return None,
+                Origin::Known(text) => {
+                    let Some(text) = text.take() else {
+                        let end = AnswerEnd { finish_reason: "stop", usage: Usage::default(), error: None };
+                        return Some(self.finish(end));
+                    };
+                    if let Some(a) = &self.audit {
+                        let ttft = (self.started.elapsed().as_secs_f64() * 1e6).round() / 1e3;
+                        a.update(|r| r.ttft_ms = Some(ttft));
+                    }
+                    return Some(AnswerEvent::Delta { text, logprobs: Vec::new() });
+                }
+                Origin::Engine(stream) => match tokio::time::timeout_at(self.deadline, stream.next()).await {
+                    Ok(Some(ev)) => ev,
+                    Ok(None) => {
+                        let end = self.error_end("engine_error", "the engine dropped the request".into());
+                        return Some(self.finish(end));
+                    }
+                    Err(_) => {
+                        let end = self.error_end("timeout", "the request ran past the server's time limit".into());
+                        return Some(self.finish(end));
+                    }
+                },
+            };
+            match ev {
+                StreamEvent::Delta { text, token_ids, logprobs } => {
+                    self.on_tokens(token_ids.len());
+                    if text.is_empty() && logprobs.is_empty() {
+                        continue;
+                    }
+                    if self.cache.is_some() {
+                        self.text.push_str(&text);
+                    }
+                    return Some(AnswerEvent::Delta { text, logprobs });
+                }
+                StreamEvent::Finished { reason, usage, error, .. } => {
+                    m::prompt_tokens(usage.prompt_tokens);
+                    let end = match reason {
+                        FinishReason::Stop | FinishReason::Length => {
+                            AnswerEnd { finish_reason: reason.as_str(), usage, error: None }
+                        }
+                        FinishReason::Cancelled => AnswerEnd { finish_reason: "cancelled", usage, error: None },
+                        FinishReason::Error => AnswerEnd {
+                            finish_reason: "error",
+                            usage,
+                            error: Some(("engine_error", error.unwrap_or_else(|| "generation failed".into()))),
+                        },
+                    };
+                    if end.error.is_none()
+                        && end.finish_reason != "cancelled"
+                        && let Some(suffix) = self.suffix.take()
+                    {
+                        self.end_after_suffix = Some(end);
+                        self.text.push_str(&suffix);
+                        self.origin = Origin::Known(None);
+                        return Some(AnswerEvent::Delta { text: suffix, logprobs: Vec::new() });
+                    }
+                    return Some(self.finish(end));
+                }
+            }
+        }
+    }
+
+    fn error_end(&self, code: &'static str, message: String) -> AnswerEnd {
+        AnswerEnd { finish_reason: "error", usage: Usage::default(), error: Some((code, message)) }
+    }
+
+    fn on_tokens(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let now = Instant::now();
+        match self.last_token {
+            None => {
+                let ttft = now - self.started;
+                m::time_to_first_token(ttft);
+                if let Some(a) = &self.audit {
+                    a.update(|r| r.ttft_ms = Some((ttft.as_secs_f64() * 1e6).round() / 1e3));
+                }
+            }
+            Some(prev) => m::inter_token_latency(now - prev, n),
+        }
+        m::generation_tokens(n);
+        self.last_token = Some(now);
+    }
+
+    fn finish(&mut self, end: AnswerEnd) -> AnswerEvent {
+        let end = self.end_after_suffix.take().unwrap_or(end);
+        let from_engine = matches!(self.origin, Origin::Engine(_)) || self.last_token.is_some();
+        self.origin = Origin::Ended;
+        if from_engine {
+            m::e2e_latency(self.started.elapsed(), end.finish_reason);
+        }
+        if end.error.is_none()
+            && end.finish_reason != "cancelled"
+            && let Some((app, key)) = self.cache.take()
+        {
+            app.store(key, std::mem::take(&mut self.text), self.sources.clone());
+        }
+        if let Some(a) = &self.audit {
+            let prompt = self.prompt_tokens.max(end.usage.prompt_tokens);
+            a.update(|r| {
+                r.prompt_tokens = prompt;
+                r.completion_tokens = end.usage.completion_tokens;
+                r.finish_reason = Some(end.finish_reason);
+                if let Some((code, _)) = &end.error {
+                    r.error_code = Some(code);
+                }
+            });
+        }
+        AnswerEvent::Done(end)
+    }
+
+    /// Reads the whole answer: text, logprobs and the end.
+    pub async fn collect(mut self) -> (String, Vec<SampledLogprobs>, AnswerEnd, Arc<Vec<Source>>) {
+        let mut text = String::new();
+        let mut lps = Vec::new();
+        let mut end = None;
+        while let Some(ev) = self.next().await {
+            match ev {
+                AnswerEvent::Delta { text: t, logprobs } => {
+                    text.push_str(&t);
+                    lps.extend(logprobs);
+                }
+                AnswerEvent::Done(e) => end = Some(e),
+            }
+        }
+        let end = end.unwrap_or(AnswerEnd { finish_reason: "error", usage: Usage::default(), error: None });
+        (text, lps, end, self.sources.clone())
+    }
+}
+
+impl Drop for AnswerStream {
+    fn drop(&mut self) {
+        // A stream dropped before its end is a client that went away.
+        if !matches!(self.origin, Origin::Ended)
+            && let Some(a) = &self.audit
+        {
+            a.update(|r| {
+                if r.finish_reason.is_none() {
+                    r.finish_reason = Some("cancelled");
+                    r.error_code = Some("client_disconnected");
+                }
+            });
+        }
+    }
+}

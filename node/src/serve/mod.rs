@@ -1,0 +1,310 @@
+//! `ragnode serve`: the engine and the FAQ shard behind one axum server.
+//!
+//! Layout follows the TGI router / axum examples: validation at the edge (each front end
+//! parses and checks its own wire format), one shared [`state::AppState`], small
+//! handlers; backpressure is a 429 from the engine's bounded queue, not a timeout.
+//!
+//! | route | module |
+//! |---|---|
+//! | `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models` | [`openai`] |
+//! | `POST /v1/chat-messages` (Dify) | [`dify`] |
+//! | `GET /v1/chat/ws` | [`ws`] |
+//! | `/v1/admin/faq...` | [`admin`] |
+//! | `/`, `/healthz`, `/readyz`, `/metrics` | here |
+//!
+//! The listener is bound before the model loads, so probes answer at once: `/readyz` is
+//! 503 until the model runs and the FAQ index is open.
+
+pub mod admin;
+pub mod answer;
+pub mod audit;
+pub mod auth;
+pub mod dify;
+pub mod error;
+pub mod extract;
+pub mod metrics;
+pub mod openai;
+pub mod rag;
+pub mod state;
+pub mod ws;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{from_fn, from_fn_with_state};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use ragnode_inference::{Engine, EngineConfig};
+use ragnode_models::{LoadOptions, load_model};
+use ragnode_retrieval::ingest::{FieldMapping, Format, IngestOptions, ingest_file};
+use ragnode_retrieval::{FaqShard, ShardConfig};
+use serde_json::json;
+use tower_http::compression::CompressionLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+
+use crate::config::ServeConfig;
+use error::ApiError;
+use rag::{ConversationStore, RagApp};
+use state::{AppState, SharedState};
+
+const INDEX_HTML: &str = include_str!("../../web/index.html");
+
+/// Runs the server until Ctrl-C / SIGTERM.
+pub fn run(cfg: ServeConfig) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ragnode-http")
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(serve(cfg))
+}
+
+async fn serve(cfg: ServeConfig) -> Result<()> {
+    let prometheus = metrics::install()?;
+    let mut apps = HashMap::new();
+    for app in &cfg.apps {
+        apps.insert(app.name.clone(), Arc::new(RagApp::new(app.clone()).map_err(anyhow::Error::msg)?));
+    }
+    let model_spec = cfg.model.clone().context("no model configured")?;
+    let model_id = cfg.served_model_name.clone().unwrap_or_else(|| default_model_id(&model_spec));
+    let audit = audit::AuditSink::open(&cfg.audit_log).await?;
+    if cfg.auth.api_keys.is_empty() && cfg.auth.admin_keys.is_empty() {
+        tracing::warn!("no API key configured: the API is open to anyone who can reach {}", cfg.listen);
+    }
+    let state: SharedState = Arc::new(AppState {
+        model_id,
+        engine: OnceLock::new(),
+        shard: OnceLock::new(),
+        default_app: cfg.apps[0].name.clone(),
+        apps,
+        keys: auth::KeyRing::new(&cfg.auth),
+        conversations: ConversationStore::new(cfg.limits.max_conversations, cfg.limits.conversation_max_messages),
+        audit,
+        prometheus,
+        started: Instant::now(),
+        cfg,
+    });
+    let listener = tokio::net::TcpListener::bind(state.cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", state.cfg.listen))?;
+    let addr = listener.local_addr()?;
+    // Tests and scripts wait for this line (stderr) to learn the port.
+    eprintln!("ragnode listening on http://{addr}");
+    tracing::info!(%addr, model = %state.model_id, "listening; loading the model and the FAQ index");
+
+    let loader = {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || load(&state, &model_spec))
+    };
+    let app = router(state.clone());
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+    });
+    tokio::select! {
+        // A signal while loading.
+        res = &mut server => return Ok(res.context("server task")?.context("serving HTTP")?),
+        loaded = loader => {
+            loaded.context("loader task")??;
+            eprintln!("ragnode ready: model {} on http://{addr}", state.model_id);
+        }
+    }
+    server.await.context("server task")?.context("serving HTTP")?;
+    if let Some(engine) = state.engine.get() {
+        engine.shutdown();
+    }
+    Ok(())
+}
+
+/// Loads the model, starts the engine, opens (and seeds) the FAQ shard.
+fn load(state: &AppState, model_spec: &str) -> Result<()> {
+    let cfg = &state.cfg;
+    let shard = FaqShard::open(&cfg.faq_index, &ShardConfig::default())
+        .with_context(|| format!("opening the FAQ index {}", cfg.faq_index.display()))?;
+    if let Some(seed) = &cfg.faq_seed
+        && shard.stats().num_docs == 0
+    {
+        let format = Format::from_path(seed)
+            .with_context(|| format!("{}: unknown FAQ file extension (jsonl, json, csv)", seed.display()))?;
+        let opts = IngestOptions {
+            format,
+            mapping: FieldMapping::default(),
+            batch_rows: 10_000,
+            on_commit: &mut |_| {},
+            on_progress: &mut |_| {},
+        };
+        let report =
+            ingest_file(&shard, seed, opts).with_context(|| format!("ingesting the FAQ seed {}", seed.display()))?;
+        for r in &report.rejected {
+            tracing::warn!("{}:{}: rejected: {}", seed.display(), r.pos, r.reason);
+        }
+        tracing::info!(rows = report.committed, rejected = report.rejected.len(), file = %seed.display(), "FAQ seeded");
+    }
+    let _ = state.shard.set(Arc::new(shard));
+
+    let t = Instant::now();
+    let loaded = load_model(model_spec, &LoadOptions::default()).with_context(|| format!("loading model `{model_spec}`"))?;
+    let e = &cfg.engine;
+    let engine_cfg = EngineConfig {
+        max_num_seqs: e.max_num_seqs,
+        max_batch_tokens: e.max_batch_tokens,
+        kv_cache_bytes: e.kv_cache_mib << 20,
+        max_waiting: e.max_waiting,
+        max_context: e.max_model_len,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(loaded.model, loaded.tokenizer, engine_cfg).context("starting the engine")?;
+    tracing::info!(load_ms = t.elapsed().as_millis() as u64, context = engine.context_limit(), "model loaded");
+    let _ = state.engine.set(engine);
+    Ok(())
+}
+
+fn default_model_id(spec: &str) -> String {
+    let p = Path::new(spec);
+    if p.exists() {
+        if let Some(stem) = p.file_stem().and_then(|s| s.to_str())
+            && p.is_file()
+        {
+            return stem.to_string();
+        }
+        if let Some(name) = p.file_name().and_then(|s| s.to_str()) {
+            return name.to_string();
+        }
+    }
+    spec.to_string()
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+/// All routes and layers.
+pub fn router(state: SharedState) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/models", get(openai::list_models))
+        .route("/v1/models/{id}", get(openai::get_model))
+        .route("/v1/chat-messages", post(dify::chat_messages))
+        .route("/v1/chat/ws", get(ws::upgrade))
+        .route_layer(from_fn_with_state(state.clone(), auth::require_api_key));
+    let admin = Router::new()
+        .route("/v1/admin/faq", post(admin::upsert))
+        .route("/v1/admin/faq/search", post(admin::search))
+        .route("/v1/admin/faq/stats", get(admin::stats))
+        .route("/v1/admin/faq/{id}", get(admin::get).delete(admin::delete))
+        .route_layer(from_fn_with_state(state.clone(), auth::require_admin_key));
+    let open = Router::new()
+        .route("/", get(index))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text));
+
+    let x_request_id = HeaderName::from_static("x-request-id");
+    let mut app = Router::new()
+        .merge(api)
+        .merge(admin)
+        .merge(open)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(CompressionLayer::new().gzip(true).br(true));
+    if let Some(cors) = cors_layer(&state.cfg.cors.allow_origins) {
+        app = app.layer(cors);
+    }
+    app.layer(from_fn_with_state(state.clone(), audit::audit))
+        .layer(from_fn(panic_guard))
+        .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
+        .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
+        .with_state(state)
+}
+
+fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, HeaderName::from_static("x-request-id")])
+            .expose_headers([HeaderName::from_static("x-request-id")]),
+    )
+}
+
+/// A handler panic answers 500 in OpenAI's format instead of dropping the connection.
+async fn panic_guard(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(next.run(req)).catch_unwind().await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::internal("internal error while handling the request").into_response(),
+    }
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found("not_found", format!("no route for {}", uri.path()))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError { status: StatusCode::METHOD_NOT_ALLOWED, ..ApiError::bad_request("method_not_allowed", "method not allowed") }
+}
+
+async fn index() -> Html<&'static str> {
+    Html(INDEX_HTML)
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<SharedState>) -> Response {
+    let model = state.engine.get().is_some();
+    let index = state.shard.get().is_some();
+    let body = json!({
+        "ready": model && index,
+        "model": { "id": state.model_id, "loaded": model },
+        "faq_index": { "path": state.cfg.faq_index, "open": index },
+        "device": "cpu",
+    });
+    let status = if model && index { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics_text(State(state): State<SharedState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        metrics::render(&state),
+    )
+        .into_response()
+}

@@ -1,0 +1,590 @@
+//! OpenAI-compatible endpoints: `POST /v1/chat/completions`, `POST /v1/completions`,
+//! `GET /v1/models`. Request validation happens here, at the edge; shapes follow OpenAI's
+//! so the official SDKs work (streams end with `data: [DONE]`; errors mid-stream are a
+//! `data: {"error": ...}` event). The model `app:<name>` runs a RAG app.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Extension;
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+use ragnode_inference::{SampledLogprobs, SamplingParams, Usage};
+use ragnode_models::tokenizer::{ChatMessage, ModelTokenizer};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::answer::{AnswerEnd, AnswerEvent, AnswerStream};
+use super::audit::AuditCell;
+use super::error::ApiError;
+use super::extract::ApiJson;
+use super::rag::Source;
+use super::state::{AppState, GenParams, SharedState};
+
+/// `stop`: one string or a list.
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+pub enum StopSpec {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Message content: a string or a list of parts (`{"type": "text", "text": ...}`).
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize, Debug)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct WireMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Sampling fields shared by chat and completions.
+#[derive(Deserialize, Debug, Default)]
+pub struct SamplingFields {
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub seed: Option<i64>,
+    pub stop: Option<StopSpec>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub n: Option<i64>,
+    pub user: Option<String>,
+    // vLLM-style extensions.
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Vec<WireMessage>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<i64>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+pub enum PromptSpec {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Debug)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: PromptSpec,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub logprobs: Option<i64>,
+    pub suffix: Option<String>,
+    #[serde(default)]
+    pub echo: bool,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+#[derive(Serialize)]
+struct UsageBody {
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    total_tokens: usize,
+}
+
+fn usage_body(u: &Usage, prompt_tokens: usize) -> UsageBody {
+    let prompt = u.prompt_tokens.max(prompt_tokens);
+    UsageBody { prompt_tokens: prompt, completion_tokens: u.completion_tokens, total_tokens: prompt + u.completion_tokens }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{:032x}", rand::random::<u128>())
+}
+
+impl SamplingFields {
+    /// Validates and converts; `logprobs` is the number of alternatives to return.
+    fn to_params(&self, logprobs: Option<usize>) -> Result<GenParams, ApiError> {
+        if let Some(n) = self.n
+            && n != 1
+        {
+            return Err(ApiError::invalid_param("n", format!("n must be 1 (one choice per request), got {n}")));
+        }
+        let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(n), _) | (None, Some(n)) if n < 1 => {
+                return Err(ApiError::invalid_param("max_tokens", format!("max_tokens must be at least 1, got {n}")));
+            }
+            (Some(n), _) | (None, Some(n)) => Some(n as usize),
+            (None, None) => None,
+        };
+        if let Some(t) = self.temperature
+            && !(0.0..=2.0).contains(&t)
+        {
+            return Err(ApiError::invalid_param("temperature", format!("temperature must be in [0, 2], got {t}")));
+        }
+        let top_k = match self.top_k {
+            Some(k) if k < -1 => return Err(ApiError::invalid_param("top_k", "top_k must be -1, 0 or positive")),
+            Some(k) if k > 0 => k as usize,
+            _ => 0,
+        };
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(StopSpec::One(s)) => vec![s.clone()],
+            Some(StopSpec::Many(v)) => v.clone(),
+        };
+        if stop.len() > 16 || stop.iter().any(|s| s.is_empty() || s.len() > 256) {
+            return Err(ApiError::invalid_param("stop", "stop takes at most 16 non-empty strings of at most 256 bytes"));
+        }
+        let sampling = SamplingParams {
+            temperature: self.temperature.unwrap_or(1.0),
+            top_p: self.top_p.unwrap_or(1.0),
+            top_k,
+            min_p: self.min_p.unwrap_or(0.0),
+            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            seed: self.seed.map(|s| s as u64),
+            logprobs,
+        };
+        sampling.validate().map_err(|m| ApiError::bad_request("invalid_value", m))?;
+        Ok(GenParams { sampling, max_tokens, stop })
+    }
+}
+
+/// The text of a message's content (text parts joined); other part types are refused.
+fn content_text(c: Option<&Content>) -> Result<String, ApiError> {
+    match c {
+        None => Ok(String::new()),
+        Some(Content::Text(s)) => Ok(s.clone()),
+        Some(Content::Parts(parts)) => {
+            let mut out = String::new();
+            for p in parts {
+                match (p.kind.as_str(), &p.text) {
+                    ("text", Some(t)) => out.push_str(t),
+                    (kind, _) => {
+                        return Err(ApiError::invalid_param(
+                            "messages",
+                            format!("content parts of type {kind:?} are not supported (text only)"),
+                        ));
+                    }
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+fn chat_messages(wire: &[WireMessage]) -> Result<Vec<ChatMessage>, ApiError> {
+    if wire.is_empty() {
+        return Err(ApiError::invalid_param("messages", "messages must contain at least one message"));
+    }
+    wire.iter()
+        .map(|m| {
+            let role = match m.role.as_str() {
+                "developer" => "system",
+                r @ ("system" | "user" | "assistant") => r,
+                other => {
+                    return Err(ApiError::invalid_param(
+                        "messages",
+                        format!("unsupported role {other:?} (system, developer, user, assistant)"),
+                    ));
+                }
+            };
+            Ok(ChatMessage::new(role, content_text(m.content.as_ref())?))
+        })
+        .collect()
+}
+
+/// Which model a request names.
+enum Target<'a> {
+    Model,
+    App(&'a str),
+}
+
+fn target<'a>(state: &AppState, model: &'a str) -> Result<Target<'a>, ApiError> {
+    if let Some(app) = model.strip_prefix("app:") {
+        state.app(app)?;
+        return Ok(Target::App(app));
+    }
+    if model == state.model_id {
+        return Ok(Target::Model);
+    }
+    Err(ApiError::not_found("model_not_found", format!("The model `{model}` does not exist.")))
+}
+
+/// OpenAI's logprobs object for one choice.
+fn logprobs_json(tok: &ModelTokenizer, lps: &[SampledLogprobs]) -> Value {
+    let entry = |id: u32, lp: f32| {
+        let text = tok.decode(&[id], false).unwrap_or_default();
+        json!({ "token": text, "logprob": lp, "bytes": text.as_bytes() })
+    };
+    let content: Vec<Value> = lps
+        .iter()
+        .map(|l| {
+            let mut e = entry(l.chosen.token, l.chosen.logprob);
+            e["top_logprobs"] = Value::Array(l.top.iter().map(|t| entry(t.token, t.logprob)).collect());
+            e
+        })
+        .collect();
+    json!({ "content": content })
+}
+
+fn audit_model(cell: &Option<Extension<Arc<AuditCell>>>, model: &str, user: &Option<String>) -> Option<Arc<AuditCell>> {
+    let cell = cell.as_ref().map(|c| c.0.clone());
+    if let Some(c) = &cell {
+        let (m, u) = (model.to_string(), user.clone());
+        c.update(|r| {
+            r.model = Some(m);
+            r.user = u;
+        });
+    }
+    cell
+}
+
+pub async fn chat_completions(
+    State(state): State<SharedState>,
+    audit: Option<Extension<Arc<AuditCell>>>,
+    ApiJson(req): ApiJson<ChatCompletionRequest>,
+) -> Result<Response, ApiError> {
+    let audit = audit_model(&audit, &req.model, &req.sampling.user);
+    let messages = chat_messages(&req.messages)?;
+    let top = match (req.logprobs, req.top_logprobs) {
+        (_, Some(n)) if !(0..=20).contains(&n) => {
+            return Err(ApiError::invalid_param("top_logprobs", "top_logprobs must be in [0, 20]"));
+        }
+        (Some(true), n) => Some(n.unwrap_or(0) as usize),
+        (_, Some(_)) => return Err(ApiError::invalid_param("top_logprobs", "top_logprobs needs logprobs: true")),
+        _ => None,
+    };
+    let mut params = req.sampling.to_params(top)?;
+    let answer = match target(&state, &req.model)? {
+        Target::Model => state.start_chat(&messages, params, audit)?,
+        Target::App(name) => {
+            let app = state.app(name)?.clone();
+            let (last, history) = messages.split_last().ok_or_else(|| ApiError::invalid_param("messages", "empty"))?;
+            if last.role != "user" {
+                return Err(ApiError::invalid_param("messages", "the last message must be the user's question"));
+            }
+            let f = &req.sampling;
+            let mut app_params = AppState::app_params(&app, f.temperature, f.top_p, params.max_tokens, params.sampling.seed);
+            app_params.stop.append(&mut params.stop);
+            // The app's own system prompt replaces a client's: history is user/assistant turns.
+            let history: Vec<ChatMessage> = history.iter().filter(|m| m.role != "system").cloned().collect();
+            state.start_rag(&app, &last.content, &history, app_params, audit)?
+        }
+    };
+    let tok = state.engine()?.tokenizer().clone();
+    let id = new_id("chatcmpl");
+    let created = now_secs();
+    if req.stream {
+        let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let stream = chat_chunks(answer, tok, id, created, req.model, include_usage, top.is_some());
+        return Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response());
+    }
+    let prompt_tokens = answer.prompt_tokens();
+    let (text, lps, end, sources) = answer.collect().await;
+    if let Some((code, message)) = end.error {
+        return Err(if code == "timeout" { ApiError::timeout(message) } else { ApiError::internal(message) });
+    }
+    let mut body = json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": req.model,
+        "system_fingerprint": Value::Null,
+        "choices": [{
+            "index": 0,
+            "message": { "role": "assistant", "content": text, "refusal": Value::Null },
+            "logprobs": if top.is_some() { logprobs_json(&tok, &lps) } else { Value::Null },
+            "finish_reason": end.finish_reason,
+        }],
+        "usage": usage_body(&end.usage, prompt_tokens),
+    });
+    if !sources.is_empty() {
+        body["sources"] = json!(*sources);
+    }
+    Ok(Json(body).into_response())
+}
+
+fn sse_json(v: &Value) -> Result<Event, Infallible> {
+    Ok(Event::default().data(v.to_string()))
+}
+
+fn error_event(code: &str, message: &str) -> Value {
+    json!({ "error": { "message": message, "type": "server_error", "param": Value::Null, "code": code } })
+}
+
+/// The chunks of a streamed chat completion.
+fn chat_chunks(
+    answer: AnswerStream,
+    tok: Arc<ModelTokenizer>,
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+    logprobs: bool,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    struct St {
+        answer: AnswerStream,
+        first: bool,
+        done: bool,
+    }
+    let chunk = move |delta: Value, finish: Option<&str>, lp: Value, usage: Option<Value>| {
+        let mut c = json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": Value::Null,
+            "choices": [{ "index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish }],
+        });
+        if include_usage {
+            c["usage"] = usage.unwrap_or(Value::Null);
+        }
+        c
+    };
+    let st = St { answer, first: true, done: false };
+    let batches = futures_util::stream::unfold((st, chunk), move |(mut st, chunk)| {
+        let tok = tok.clone();
+        async move {
+            if st.done {
+                return None;
+            }
+            let mut events: Vec<Result<Event, Infallible>> = Vec::new();
+            if st.first {
+                st.first = false;
+                events.push(sse_json(&chunk(json!({"role": "assistant", "content": ""}), None, Value::Null, None)));
+            }
+            match st.answer.next().await {
+                Some(AnswerEvent::Delta { text, logprobs: lps }) => {
+                    let lp = if logprobs { logprobs_json(&tok, &lps) } else { Value::Null };
+                    events.push(sse_json(&chunk(json!({ "content": text }), None, lp, None)));
+                }
+                Some(AnswerEvent::Done(end)) => {
+                    st.done = true;
+                    events.extend(end_events(&st.answer, &end, include_usage, |finish, usage| match usage {
+                        None => chunk(json!({}), Some(finish), Value::Null, None),
+                        Some(u) => {
+                            let mut c = chunk(json!({}), None, Value::Null, Some(u));
+                            c["choices"] = json!([]);
+                            c
+                        }
+                    }));
+                }
+                None => {
+                    st.done = true;
+                    events.push(Ok(Event::default().data("[DONE]")));
+                }
+            }
+            Some((futures_util::stream::iter(events), (st, chunk)))
+        }
+    });
+    futures_util::StreamExt::flatten(batches)
+}
+
+/// The final events of an OpenAI stream: the finish chunk (or an error), the usage chunk,
+/// `[DONE]`. `make(finish, usage)` builds a chunk.
+fn end_events(
+    answer: &AnswerStream,
+    end: &AnswerEnd,
+    include_usage: bool,
+    make: impl Fn(&str, Option<Value>) -> Value,
+) -> Vec<Result<Event, Infallible>> {
+    let mut out = Vec::new();
+    match &end.error {
+        Some((code, message)) => out.push(sse_json(&error_event(code, message))),
+        None => out.push(sse_json(&make(end.finish_reason, None))),
+    }
+    if include_usage {
+        let u = serde_json::to_value(usage_body(&end.usage, answer.prompt_tokens())).unwrap_or(Value::Null);
+        out.push(sse_json(&make(end.finish_reason, Some(u))));
+    }
+    out.push(Ok(Event::default().data("[DONE]")));
+    out
+}
+
+
+pub async fn completions(
+    State(state): State<SharedState>,
+    audit: Option<Extension<Arc<AuditCell>>>,
+    ApiJson(req): ApiJson<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    let audit = audit_model(&audit, &req.model, &req.sampling.user);
+    if !matches!(target(&state, &req.model)?, Target::Model) {
+        return Err(ApiError::invalid_param("model", "apps answer chat requests: use /v1/chat/completions"));
+    }
+    let prompt = match &req.prompt {
+        PromptSpec::One(p) => p.clone(),
+        PromptSpec::Many(v) if v.len() == 1 => v[0].clone(),
+        PromptSpec::Many(_) => {
+            return Err(ApiError::invalid_param("prompt", "give one prompt per request (a string or a list of one)"));
+        }
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::invalid_param("prompt", "the prompt is empty"));
+    }
+    if req.suffix.is_some() {
+        return Err(ApiError::invalid_param("suffix", "suffix is not supported"));
+    }
+    let top = match req.logprobs {
+        Some(n) if !(0..=20).contains(&n) => return Err(ApiError::invalid_param("logprobs", "logprobs must be in [0, 20]")),
+        Some(n) => Some(n as usize),
+        None => None,
+    };
+    let mut params = req.sampling.to_params(top)?;
+    // OpenAI's legacy default.
+    params.max_tokens.get_or_insert(16);
+    let answer = state.start_completion(&prompt, params, audit)?;
+    let tok = state.engine()?.tokenizer().clone();
+    let id = new_id("cmpl");
+    let created = now_secs();
+    let echo = if req.echo { Some(prompt) } else { None };
+    if req.stream {
+        let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let model = req.model.clone();
+        let chunk = move |text: String, finish: Option<&str>, lp: Value, usage: Option<Value>| {
+            let mut c = json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{ "index": 0, "text": text, "logprobs": lp, "finish_reason": finish }],
+            });
+            if include_usage {
+                c["usage"] = usage.unwrap_or(Value::Null);
+            }
+            c
+        };
+        let want_lp = top.is_some();
+        let stream = futures_util::stream::unfold(
+            (answer, chunk, echo, false),
+            move |(mut answer, chunk, mut echo, done)| {
+                let tok = tok.clone();
+                async move {
+                    if done {
+                        return None;
+                    }
+                    let mut events = Vec::new();
+                    if let Some(e) = echo.take() {
+                        events.push(sse_json(&chunk(e, None, Value::Null, None)));
+                    }
+                    let mut finished = false;
+                    match answer.next().await {
+                        Some(AnswerEvent::Delta { text, logprobs }) => {
+                            let lp = if want_lp { legacy_logprobs(&tok, &logprobs) } else { Value::Null };
+                            events.push(sse_json(&chunk(text, None, lp, None)));
+                        }
+                        Some(AnswerEvent::Done(end)) => {
+                            finished = true;
+                            events.extend(end_events(&answer, &end, include_usage, |finish, usage| match usage {
+                                None => chunk(String::new(), Some(finish), Value::Null, None),
+                                Some(u) => {
+                                    let mut c = chunk(String::new(), None, Value::Null, Some(u));
+                                    c["choices"] = json!([]);
+                                    c
+                                }
+                            }));
+                        }
+                        None => {
+                            finished = true;
+                            events.push(Ok(Event::default().data("[DONE]")));
+                        }
+                    }
+                    Some((futures_util::stream::iter(events), (answer, chunk, echo, finished)))
+                }
+            },
+        );
+        return Ok(Sse::new(futures_util::StreamExt::flatten(stream)).keep_alive(KeepAlive::default()).into_response());
+    }
+    let prompt_tokens = answer.prompt_tokens();
+    let (text, lps, end, _) = answer.collect().await;
+    if let Some((code, message)) = end.error {
+        return Err(if code == "timeout" { ApiError::timeout(message) } else { ApiError::internal(message) });
+    }
+    let text = match echo {
+        Some(p) => p + &text,
+        None => text,
+    };
+    Ok(Json(json!({
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": req.model,
+        "system_fingerprint": Value::Null,
+        "choices": [{
+            "index": 0,
+            "text": text,
+            "logprobs": if top.is_some() { legacy_logprobs(&tok, &lps) } else { Value::Null },
+            "finish_reason": end.finish_reason,
+        }],
+        "usage": usage_body(&end.usage, prompt_tokens),
+    }))
+    .into_response())
+}
+
+/// The legacy completions logprobs object.
+fn legacy_logprobs(tok: &ModelTokenizer, lps: &[SampledLogprobs]) -> Value {
+    let text = |id: u32| tok.decode(&[id], false).unwrap_or_default();
+    let tokens: Vec<String> = lps.iter().map(|l| text(l.chosen.token)).collect();
+    let token_logprobs: Vec<f32> = lps.iter().map(|l| l.chosen.logprob).collect();
+    let top: Vec<Value> = lps
+        .iter()
+        .map(|l| {
+            let m: serde_json::Map<String, Value> = l.top.iter().map(|t| (text(t.token), json!(t.logprob))).collect();
+            Value::Object(m)
+        })
+        .collect();
+    json!({ "tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": Value::Array(vec![]) })
+}
+
+fn model_object(id: &str, created: u64) -> Value {
+    json!({ "id": id, "object": "model", "created": created, "owned_by": "ragnode" })
+}
+
+pub async fn list_models(State(state): State<SharedState>) -> Json<Value> {
+    let created = now_secs().saturating_sub(state.started.elapsed().as_secs());
+    let mut data = vec![model_object(&state.model_id, created)];
+    let mut apps: Vec<&String> = state.apps.keys().collect();
+    apps.sort();
+    data.extend(apps.into_iter().map(|a| model_object(&format!("app:{a}"), created)));
+    Json(json!({ "object": "list", "data": data }))
+}
+
+pub async fn get_model(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    target(&state, &id)?;
+    let created = now_secs().saturating_sub(state.started.elapsed().as_secs());
+    Ok(Json(model_object(&id, created)))
+}
+
+/// Sources as JSON (for the other front ends).
+pub fn sources_json(sources: &[Source]) -> Value {
+    json!(sources)
+}

@@ -1,0 +1,180 @@
+//! The server's shared state: one struct behind an `Arc`, given to every handler.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use ragnode_inference::{EngineHandle, GenerationRequest, SamplingParams};
+use ragnode_models::tokenizer::ChatMessage;
+use ragnode_retrieval::FaqShard;
+
+use super::answer::AnswerStream;
+use super::audit::{AuditCell, AuditSink};
+use super::auth::KeyRing;
+use super::error::ApiError;
+use super::rag::{ConversationStore, RagApp, RagPlan};
+use crate::config::ServeConfig;
+
+pub type SharedState = Arc<AppState>;
+
+pub struct AppState {
+    pub cfg: ServeConfig,
+    /// The id clients name the model by.
+    pub model_id: String,
+    /// Set once the model is loaded and the engine runs.
+    pub engine: OnceLock<EngineHandle>,
+    /// Set once the FAQ shard is open (and seeded).
+    pub shard: OnceLock<Arc<FaqShard>>,
+    pub apps: HashMap<String, Arc<RagApp>>,
+    /// The app `/v1/chat-messages` and the web page use by default (the first configured).
+    pub default_app: String,
+    pub keys: KeyRing,
+    pub conversations: ConversationStore,
+    pub audit: AuditSink,
+    pub prometheus: PrometheusHandle,
+    pub started: Instant,
+}
+
+/// Generation settings from a request, before they meet the prompt.
+#[derive(Clone, Debug, Default)]
+pub struct GenParams {
+    pub sampling: SamplingParams,
+    pub max_tokens: Option<usize>,
+    pub stop: Vec<String>,
+}
+
+impl AppState {
+    pub fn engine(&self) -> Result<&EngineHandle, ApiError> {
+        self.engine.get().ok_or_else(|| ApiError::not_ready("the model is still loading; retry shortly"))
+    }
+
+    pub fn shard(&self) -> Result<&Arc<FaqShard>, ApiError> {
+        self.shard.get().ok_or_else(|| ApiError::not_ready("the FAQ index is still opening; retry shortly"))
+    }
+
+    pub fn app(&self, name: &str) -> Result<&Arc<RagApp>, ApiError> {
+        self.apps.get(name).ok_or_else(|| {
+            ApiError::not_found("model_not_found", format!("The model `app:{name}` does not exist (no such app)."))
+        })
+    }
+
+    pub fn deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_secs(self.cfg.limits.request_timeout_secs)
+    }
+
+    /// Renders `messages` with the model's chat template and starts generating.
+    pub fn start_chat(
+        &self,
+        messages: &[ChatMessage],
+        params: GenParams,
+        audit: Option<Arc<AuditCell>>,
+    ) -> Result<AnswerStream, ApiError> {
+        let engine = self.engine()?;
+        let tok = engine.tokenizer();
+        let text = tok
+            .apply_chat_template(messages, true)
+            .map_err(|e| ApiError::bad_request("invalid_request", format!("the chat template failed: {e}")))?;
+        // The template spells out any BOS it wants.
+        let ids = tok.encode(&text, false).map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?;
+        self.start_ids(ids, params, audit)
+    }
+
+    /// Tokenizes a raw prompt (with BOS) and starts generating.
+    pub fn start_completion(
+        &self,
+        prompt: &str,
+        params: GenParams,
+        audit: Option<Arc<AuditCell>>,
+    ) -> Result<AnswerStream, ApiError> {
+        let engine = self.engine()?;
+        let ids = engine.tokenizer().encode(prompt, true).map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?;
+        if ids.is_empty() {
+            return Err(ApiError::invalid_param("prompt", "the prompt is empty"));
+        }
+        self.start_ids(ids, params, audit)
+    }
+
+    fn start_ids(&self, ids: Vec<u32>, params: GenParams, audit: Option<Arc<AuditCell>>) -> Result<AnswerStream, ApiError> {
+        let engine = self.engine()?;
+        let limit = engine.context_limit();
+        let prompt_len = ids.len();
+        let too_long = |requested: Option<usize>| {
+            let ask = requested.map(|n| format!(" However, you requested {} tokens ({prompt_len} in the messages, {n} in the completion).", prompt_len + n)).unwrap_or_else(|| format!(" However, your messages resulted in {prompt_len} tokens."));
+            ApiError {
+                param: Some("messages"),
+                ..ApiError::bad_request(
+                    "context_length_exceeded",
+                    format!("This model's maximum context length is {limit} tokens.{ask} Please reduce the length of the messages or completion."),
+                )
+            }
+        };
+        if prompt_len >= limit {
+            return Err(too_long(None));
+        }
+        let max_tokens = match params.max_tokens {
+            Some(n) if prompt_len + n > limit => return Err(too_long(Some(n))),
+            Some(n) => n,
+            None => limit - prompt_len,
+        };
+        let mut req = GenerationRequest::new(ids, max_tokens);
+        req.sampling = params.sampling;
+        req.stop = params.stop;
+        let stream = engine.submit(req)?;
+        if let Some(a) = &audit {
+            a.update(|r| r.prompt_tokens = prompt_len);
+        }
+        Ok(AnswerStream::engine(stream, prompt_len, self.deadline()).with_audit(audit))
+    }
+
+    /// Answers a RAG app's question (after `history`): cache, direct answer or model.
+    pub fn start_rag(
+        &self,
+        app: &Arc<RagApp>,
+        question: &str,
+        history: &[ChatMessage],
+        overrides: GenParams,
+        audit: Option<Arc<AuditCell>>,
+    ) -> Result<AnswerStream, ApiError> {
+        if let Some(a) = &audit {
+            let name = app.cfg.name.clone();
+            a.update(|r| r.app = Some(name));
+        }
+        // A cached first turn needs neither the index nor the model.
+        if history.is_empty()
+            && let Some(hit) = app.cached(question)
+        {
+            return Ok(AnswerStream::known(hit.text.clone(), hit.sources.clone(), true).with_audit(audit));
+        }
+        let shard = self.shard()?;
+        let (plan, took) = app.plan(shard, question, history)?;
+        if let Some(t) = took {
+            super::metrics::retrieval_latency(t);
+        }
+        match plan {
+            RagPlan::Answer { text, sources, cache_hit } => {
+                Ok(AnswerStream::known(text, sources, cache_hit).with_audit(audit))
+            }
+            RagPlan::Generate { messages, sources, suffix, cache_key } => {
+                let mut params = overrides;
+                params.stop.extend(super::rag::SOURCE_STOPS.iter().map(|s| s.to_string()));
+                let stream = self.start_chat(&messages, params, audit)?;
+                Ok(stream.with_sources(sources, suffix).with_cache(app.clone(), cache_key))
+            }
+        }
+    }
+
+    /// The app's default generation settings, with a request's overrides.
+    pub fn app_params(app: &RagApp, temperature: Option<f32>, top_p: Option<f32>, max_tokens: Option<usize>, seed: Option<u64>) -> GenParams {
+        GenParams {
+            sampling: SamplingParams {
+                temperature: temperature.unwrap_or(app.cfg.temperature),
+                top_p: top_p.unwrap_or(app.cfg.top_p),
+                seed,
+                ..SamplingParams::default()
+            },
+            max_tokens: Some(max_tokens.unwrap_or(app.cfg.max_tokens)),
+            stop: Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! Streaming chat over a WebSocket: `GET /v1/chat/ws`.
+//!
+//! Client → server (JSON text frames):
+//! - `{"type": "chat", "id": "q1", "query": "退货政策是什么?", "app": "faq", "conversation_id": "…"}`
+//!   asks a RAG app (default: the first app); or `{"type": "chat", "id": "q2", "model":
+//!   "<model id>", "messages": [{"role": "user", "content": "…"}]}` asks the model itself.
+//!   Optional: `max_tokens`, `temperature`, `top_p`, `seed`.
+//! - `{"type": "cancel", "id": "q1"}`.
+//!
+//! Server → client: `{"type": "delta", "id", "text"}`, then `{"type": "done", "id",
+//! "finish_reason", "usage", "sources", "conversation_id", "cache_hit"}`, or `{"type":
+//! "error", "id", "code", "message"}`. Several requests may be in flight on one socket
+//! (up to `limits.ws_max_inflight`); each is answered under its id. The server pings every
+//! `limits.ws_ping_interval_secs` and closes a socket that missed two pongs; frames over
+//! `limits.ws_max_message_bytes` close it too.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Extension;
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use ragnode_models::tokenizer::ChatMessage;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+
+use super::answer::AnswerEvent;
+use super::audit::AuditCell;
+use super::error::ApiError;
+use super::openai::sources_json;
+use super::state::{AppState, GenParams, SharedState};
+
+#[derive(Deserialize, Debug)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ClientMessage {
+    Chat(ChatAsk),
+    Cancel { id: String },
+}
+
+#[derive(Deserialize, Debug)]
+struct ChatAsk {
+    id: String,
+    #[serde(default)]
+    query: Option<String>,
+    #[serde(default)]
+    app: Option<String>,
+    #[serde(default)]
+    conversation_id: Option<String>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    messages: Option<Vec<ChatMessage>>,
+    max_tokens: Option<usize>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<u64>,
+}
+
+pub async fn upgrade(
+    State(state): State<SharedState>,
+    audit: Option<Extension<Arc<AuditCell>>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let limits = &state.cfg.limits;
+    let audit = audit.map(|a| a.0);
+    ws.max_message_size(limits.ws_max_message_bytes)
+        .max_frame_size(limits.ws_max_message_bytes)
+        .on_upgrade(move |socket| serve_socket(state, socket, audit))
+}
+
+fn error_msg(id: Option<&str>, e: &ApiError) -> Value {
+    json!({ "type": "error", "id": id, "code": e.code, "message": e.message })
+}
+
+async fn serve_socket(state: SharedState, mut socket: WebSocket, audit: Option<Arc<AuditCell>>) {
+    let limits = state.cfg.limits.clone();
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Value>();
+    // Cancel senders of the requests in flight, by client id.
+    let mut inflight: HashMap<String, oneshot::Sender<()>> = HashMap::new();
+    let (finished_tx, mut finished_rx) = mpsc::unbounded_channel::<String>();
+    let period = Duration::from_secs(limits.ws_ping_interval_secs);
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let mut unanswered_pings = 0u32;
+    let mut ping_seq = 0u64;
+    loop {
+        tokio::select! {
+            incoming = socket.recv() => {
+                let msg = match incoming {
+                    Some(Ok(m)) => m,
+                    // Closed, reset, or a frame over the size limit.
+                    Some(Err(e)) => {
+                        tracing::debug!("websocket closed: {e}");
+                        break;
+                    }
+                    None => break,
+                };
+                match msg {
+                    Message::Text(text) => {
+                        match serde_json::from_str::<ClientMessage>(text.as_str()) {
+                            Ok(ClientMessage::Chat(ask)) => {
+                                let id = ask.id.clone();
+                                if inflight.contains_key(&id) {
+                                    let e = ApiError::bad_request("duplicate_id", format!("request {id:?} is already in flight"));
+                                    let _ = out_tx.send(error_msg(Some(&id), &e));
+                                } else if inflight.len() >= limits.ws_max_inflight {
+                                    let e = ApiError::overloaded(format!("at most {} requests in flight per socket", limits.ws_max_inflight));
+                                    let _ = out_tx.send(error_msg(Some(&id), &e));
+                                } else {
+                                    let (cancel_tx, cancel_rx) = oneshot::channel();
+                                    inflight.insert(id.clone(), cancel_tx);
+                                    tokio::spawn(run_chat(state.clone(), ask, out_tx.clone(), cancel_rx, finished_tx.clone(), audit.clone()));
+                                }
+                            }
+                            Ok(ClientMessage::Cancel { id }) => {
+                                if let Some(tx) = inflight.remove(&id) {
+                                    let _ = tx.send(());
+                                }
+                            }
+                            Err(e) => {
+                                let id = serde_json::from_str::<Value>(text.as_str()).ok().and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_string));
+                                let e = ApiError::bad_request("invalid_message", format!("invalid message: {e}"));
+                                let _ = out_tx.send(error_msg(id.as_deref(), &e));
+                            }
+                        }
+                    }
+                    Message::Binary(_) => {
+                        let e = ApiError::bad_request("invalid_message", "send JSON text frames");
+                        let _ = out_tx.send(error_msg(None, &e));
+                    }
+                    Message::Pong(_) => unanswered_pings = 0,
+                    Message::Ping(_) => {} // axum answers pings itself
+                    Message::Close(_) => break,
+                }
+            }
+            Some(v) = out_rx.recv() => {
+                if socket.send(Message::Text(v.to_string().into())).await.is_err() {
+                    break;
+                }
+            }
+            Some(id) = finished_rx.recv() => {
+                inflight.remove(&id);
+            }
+            _ = ping.tick() => {
+                if unanswered_pings >= 2 {
+                    let _ = socket.send(Message::Close(Some(CloseFrame { code: 1011, reason: "missed pongs".into() }))).await;
+                    break;
+                }
+                unanswered_pings += 1;
+                ping_seq += 1;
+                if socket.send(Message::Ping(ping_seq.to_be_bytes().to_vec().into())).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    // Dropping the cancel senders ends every request of this socket.
+    drop(inflight);
+}
+
+async fn run_chat(
+    state: SharedState,
+    ask: ChatAsk,
+    out: mpsc::UnboundedSender<Value>,
+    mut cancel: oneshot::Receiver<()>,
+    finished: mpsc::UnboundedSender<String>,
+    audit: Option<Arc<AuditCell>>,
+) {
+    let id = ask.id.clone();
+    // Each message is its own audited request; the line is written when `_line` drops.
+    let (cell, _line) = match &audit {
+        Some(parent) => {
+            let (c, g) = AuditCell::child(parent, &id, &state.audit);
+            (Some(c), Some(g))
+        }
+        None => (None, None),
+    };
+    let started = start(&state, &ask, cell.clone());
+    let (mut answer, conversation) = match started {
+        Ok(x) => x,
+        Err(e) => {
+            if let Some(c) = &cell {
+                c.update(|r| {
+                    r.status = e.status.as_u16();
+                    r.error_code = Some(e.code);
+                });
+            }
+            let _ = out.send(error_msg(Some(&id), &e));
+            let _ = finished.send(id);
+            return;
+        }
+    };
+    let mut text = String::new();
+    loop {
+        let ev = tokio::select! {
+            ev = answer.next() => ev,
+            _ = &mut cancel => {
+                // Dropping the answer cancels the engine request.
+                drop(answer);
+                let _ = out.send(json!({ "type": "done", "id": id, "finish_reason": "cancelled", "usage": Value::Null, "sources": [] }));
+                break;
+            }
+        };
+        match ev {
+            Some(AnswerEvent::Delta { text: t, .. }) => {
+                text.push_str(&t);
+                if out.send(json!({ "type": "delta", "id": id, "text": t })).is_err() {
+                    break;
+                }
+            }
+            Some(AnswerEvent::Done(end)) => {
+                if let Some((code, message)) = &end.error {
+                    let _ = out.send(json!({ "type": "error", "id": id, "code": code, "message": message }));
+                    break;
+                }
+                if let Some((conv_id, app, question)) = &conversation
+                    && end.finish_reason != "cancelled"
+                {
+                    state.conversations.append(conv_id, app, None, question, &text);
+                }
+                let _ = out.send(json!({
+                    "type": "done",
+                    "id": id,
+                    "finish_reason": end.finish_reason,
+                    "usage": {
+                        "prompt_tokens": answer.prompt_tokens().max(end.usage.prompt_tokens),
+                        "completion_tokens": end.usage.completion_tokens,
+                    },
+                    "sources": sources_json(&answer.sources),
+                    "conversation_id": conversation.as_ref().map(|c| c.0.clone()),
+                    "cache_hit": answer.cache_hit,
+                }));
+                break;
+            }
+            None => break,
+        }
+    }
+    let _ = finished.send(id);
+}
+
+/// Starts one request: a RAG app question or a plain model chat. Returns the answer and,
+/// for apps, (conversation id, app name, question).
+fn start(
+    state: &SharedState,
+    ask: &ChatAsk,
+    audit: Option<Arc<AuditCell>>,
+) -> Result<(super::answer::AnswerStream, Option<(String, String, String)>), ApiError> {
+    if ask.max_tokens == Some(0) {
+        return Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1"));
+    }
+    if let Some(model) = &ask.model
+        && !model.starts_with("app:")
+    {
+        if model != &state.model_id {
+            return Err(ApiError::not_found("model_not_found", format!("The model `{model}` does not exist.")));
+        }
+        let messages = ask.messages.clone().unwrap_or_default();
+        if messages.is_empty() {
+            return Err(ApiError::invalid_param("messages", "messages must contain at least one message"));
+        }
+        let mut params = GenParams { max_tokens: ask.max_tokens, ..GenParams::default() };
+        params.sampling.temperature = ask.temperature.unwrap_or(1.0);
+        params.sampling.top_p = ask.top_p.unwrap_or(1.0);
+        params.sampling.seed = ask.seed;
+        params.sampling.validate().map_err(|m| ApiError::bad_request("invalid_value", m))?;
+        return Ok((state.start_chat(&messages, params, audit)?, None));
+    }
+    let app_name = ask
+        .app
+        .clone()
+        .or_else(|| ask.model.as_deref().and_then(|m| m.strip_prefix("app:")).map(str::to_string))
+        .unwrap_or_else(|| state.default_app.clone());
+    let app = state.app(&app_name)?.clone();
+    let query = ask
+        .query
+        .clone()
+        .or_else(|| ask.messages.as_ref().and_then(|m| m.last()).map(|m| m.content.clone()))
+        .unwrap_or_default();
+    let (conv_id, history) = match ask.conversation_id.as_deref().filter(|c| !c.is_empty()) {
+        Some(c) => (c.to_string(), state.conversations.history(c, &app_name, None)?),
+        None => (format!("ws-{:032x}", rand::random::<u128>()), Vec::new()),
+    };
+    let params = AppState::app_params(&app, ask.temperature, ask.top_p, ask.max_tokens, ask.seed);
+    let answer = state.start_rag(&app, &query, &history, params, audit)?;
+    Ok((answer, Some((conv_id, app_name, query))))
+}
