@@ -96,3 +96,57 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
+
+/// A `ragnode serve` process on a free loopback port, killed on drop.
+pub struct ServeProcess {
+    pub child: std::process::Child,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl ServeProcess {
+    /// Starts the node with the SmolLM2 GGUF and the demo FAQ (seeded into a fresh index)
+    /// plus `extra` flags, and waits until it is ready.
+    pub fn start(extra: &[&str]) -> ServeProcess {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let faq = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/faq-demo.jsonl");
+        let mut child = std::process::Command::new(ragnode_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--threads", "2", "--audit-log", "off"])
+            .arg("--model")
+            .arg(smollm2_gguf())
+            .arg("--faq-index")
+            .arg(dir.path().join("index"))
+            .arg("--faq-seed")
+            .arg(faq)
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn ragnode serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let mut addr = None;
+        for line in lines.by_ref() {
+            let line = line.expect("read stderr");
+            if let Some(rest) = line.strip_prefix("ragnode listening on http://") {
+                addr = Some(rest.trim().to_string());
+            }
+            if line.starts_with("ragnode ready") {
+                break;
+            }
+        }
+        let addr = addr.expect("ragnode exited before it was ready");
+        // Keep draining stderr so the node never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        ServeProcess { child, addr, _dir: dir }
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
