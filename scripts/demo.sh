@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The demo: fetch the demo model (SmolLM2-135M-Instruct Q4_1, cached in ~/.cache/ragnode)
-# and stream a chat answer from it with the ragnode engine.
-#   scripts/demo.sh ["your question"]
+# The demo (README's run command): a node serving the demo FAQ with the demo model.
+# Fetches the demo model once (SmolLM2-135M-Instruct Q4_1, cached in ~/.cache/ragnode),
+# builds ragnode, seeds data/index from data/faq-demo.jsonl if it is empty, and serves:
+#   web chat  http://127.0.0.1:8080/
+#   OpenAI    http://127.0.0.1:8080/v1  (models: SmolLM2-135M-Instruct.Q4_1, app:faq)
+# Extra arguments go to `ragnode serve` (e.g. --listen 0.0.0.0:8080 --api-key KEY).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-test-data.sh >/dev/null
 MODEL="${RAGNODE_CACHE:-$HOME/.cache/ragnode}/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-PROMPT="${1:-What is your return policy for unused items?}"
-cargo run --release -p ragnode -- generate --model "$MODEL" --chat \
-  --system "You are a friendly customer-service assistant for an online shop." \
-  --prompt "$PROMPT" --max-tokens 200 --temperature 0.7 --top-p 0.9 --repetition-penalty 1.1
+exec cargo run --release -p ragnode -- serve --model "$MODEL" \
+  --faq-index data/index --faq-seed data/faq-demo.jsonl "$@"

@@ -454,6 +454,15 @@ mod tests {
         assert!(cfg.validate().unwrap_err().to_string().contains("--model"));
     }
 
+    #[test]
+    fn the_example_deploy_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/ragnode.toml");
+        let cfg = ServeConfig::from_file(&path).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.auth.api_keys[1].app.as_deref(), Some("faq"));
+        assert_eq!(cfg.apps[0].direct_answer_confidence, 0.8);
+    }
+
     fn tempfile_dir() -> PathBuf {
         let dir = std::env::temp_dir().join(format!("ragnode-config-{}-{}", std::process::id(), rand::random::<u32>()));
         std::fs::create_dir_all(&dir).unwrap();

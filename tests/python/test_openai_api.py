@@ -396,3 +396,24 @@ def test_full_queue_answers_429_with_retry_after(tmp_path):
     finally:
         small.proc.terminate()
         small.proc.wait(timeout=20)
+
+
+def test_requests_past_the_time_limit_end_cleanly(tmp_path):
+    slow = start_node(tmp_path, "--request-timeout-secs", "1")
+    try:
+        body = {"model": MODEL, "max_tokens": 4000, "temperature": 0,
+                "messages": [{"role": "user", "content": "Write a very long story about the sea."}]}
+        status, err = error_of(raw(slow, "POST", "/v1/chat/completions", body))
+        assert status == 504 and err["code"] == "timeout"
+        events = sse_events(slow, "/v1/chat/completions", dict(body, stream=True))
+        assert events[-1] == "[DONE]"
+        assert events[-2]["error"]["code"] == "timeout"
+        assert any(e["choices"] and e["choices"][0]["delta"].get("content") for e in events[:-2])
+        deadline = time.time() + 5
+        while metric(slow, "ragnode:num_requests_running") != 0:
+            assert time.time() < deadline, "the timed-out requests were not cancelled"
+            time.sleep(0.1)
+        assert slow.alive()
+    finally:
+        slow.proc.terminate()
+        slow.proc.wait(timeout=20)

@@ -28,8 +28,8 @@ def chromium_binary():
 class Cdp:
     """A minimal Chrome DevTools Protocol session on one page."""
 
-    def __init__(self, ws_url):
-        self.ws = connect(ws_url, max_size=64 << 20, open_timeout=30)
+    def __init__(self, ws):
+        self.ws = ws
         self.next_id = 0
 
     def call(self, method, **params):
@@ -67,49 +67,8 @@ def test_chat_page_streams_the_answer_and_its_source(node):
         port = int(port_file.read_text().split()[0])
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list") as r:
             page = next(t for t in json.load(r) if t["type"] == "page")
-        cdp = Cdp(page["webSocketDebuggerUrl"])
-        cdp.call("Page.enable")
-        cdp.call("Runtime.enable")
-        # The node needs a key: the page keeps it in localStorage, as a user would enter it.
-        cdp.call("Page.navigate", url=node.base + "/")
-        wait_for(cdp, "document.readyState === 'complete'")
-        cdp.eval(f"localStorage.setItem('ragnode_api_key', {json.dumps(API_KEY)})")
-        cdp.call("Page.navigate", url=node.base + "/")
-        wait_for(cdp, "document.getElementById('status').textContent === 'connected'")
-
-        cdp.eval("""(() => {
-            const q = document.getElementById('question');
-            q.value = '退货政策是什么?';
-            document.getElementById('send').click();
-        })()""")
-        wait_for(cdp, "document.querySelector('.msg.assistant[data-done=\"1\"]') !== null", timeout=60)
-        answer = cdp.eval("document.querySelector('.msg.assistant .text').textContent")
-        sources = cdp.eval("[...document.querySelectorAll('.msg.assistant .sources li')].map(li => li.textContent)")
-        errors = cdp.eval("document.querySelectorAll('.msg.assistant.error').length")
-
-        # A question the FAQ covers only in part: the model writes the answer, token by token.
-        cdp.eval("""(() => {
-            document.getElementById('question').value = '退货的时候运费谁来出，要多久才能退款';
-            document.getElementById('send').click();
-        })()""")
-        wait_for(cdp, "document.querySelectorAll('.msg.assistant[data-done=\"1\"]').length === 2", timeout=90)
-        second = cdp.eval("""(() => {
-            const box = document.querySelectorAll('.msg.assistant')[1];
-            return { text: box.querySelector('.text').textContent, deltas: Number(box.dataset.deltas || 0),
-                     sources: box.querySelectorAll('.sources li').length, error: box.classList.contains('error') };
-        })()""")
-
-        shot = cdp.call("Page.captureScreenshot", format="png")
-        out = artifacts_dir() / "chat-page.png"
-        out.write_bytes(base64.b64decode(shot["data"]))
-        assert out.stat().st_size > 5000
-
-        assert errors == 0
-        assert "30天" in answer, answer
-        assert "来源: 退货政策是什么？" in answer, answer
-        assert sources and "退货政策是什么？" in sources[0] and "zh-001" in sources[0], sources
-        assert not second["error"] and second["deltas"] > 5, second
-        assert second["sources"] >= 1 and "来源: " in second["text"], second
+        with connect(page["webSocketDebuggerUrl"], max_size=64 << 20, open_timeout=30) as ws:
+            drive_page(Cdp(ws), node)
     finally:
         proc.terminate()
         try:
@@ -117,6 +76,52 @@ def test_chat_page_streams_the_answer_and_its_source(node):
         except subprocess.TimeoutExpired:
             proc.kill()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def drive_page(cdp, node):
+    """Asks two questions on the page; keeps a screenshot."""
+    cdp.call("Page.enable")
+    cdp.call("Runtime.enable")
+    # The node needs a key: the page keeps it in localStorage, as a user would enter it.
+    cdp.call("Page.navigate", url=node.base + "/")
+    wait_for(cdp, "document.readyState === 'complete'")
+    cdp.eval(f"localStorage.setItem('ragnode_api_key', {json.dumps(API_KEY)})")
+    cdp.call("Page.navigate", url=node.base + "/")
+    wait_for(cdp, "document.getElementById('status').textContent === 'connected'")
+
+    cdp.eval("""(() => {
+        const q = document.getElementById('question');
+        q.value = '退货政策是什么?';
+        document.getElementById('send').click();
+    })()""")
+    wait_for(cdp, "document.querySelector('.msg.assistant[data-done=\"1\"]') !== null", timeout=60)
+    answer = cdp.eval("document.querySelector('.msg.assistant .text').textContent")
+    sources = cdp.eval("[...document.querySelectorAll('.msg.assistant .sources li')].map(li => li.textContent)")
+    errors = cdp.eval("document.querySelectorAll('.msg.assistant.error').length")
+
+    # A question the FAQ covers only in part: the model writes the answer, token by token.
+    cdp.eval("""(() => {
+        document.getElementById('question').value = '退货的时候运费谁来出，要多久才能退款';
+        document.getElementById('send').click();
+    })()""")
+    wait_for(cdp, "document.querySelectorAll('.msg.assistant[data-done=\"1\"]').length === 2", timeout=90)
+    second = cdp.eval("""(() => {
+        const box = document.querySelectorAll('.msg.assistant')[1];
+        return { text: box.querySelector('.text').textContent, deltas: Number(box.dataset.deltas || 0),
+                 sources: box.querySelectorAll('.sources li').length, error: box.classList.contains('error') };
+    })()""")
+
+    shot = cdp.call("Page.captureScreenshot", format="png")
+    out = artifacts_dir() / "chat-page.png"
+    out.write_bytes(base64.b64decode(shot["data"]))
+    assert out.stat().st_size > 5000
+
+    assert errors == 0
+    assert "30天" in answer, answer
+    assert "来源: 退货政策是什么？" in answer, answer
+    assert sources and "退货政策是什么？" in sources[0] and "zh-001" in sources[0], sources
+    assert not second["error"] and second["deltas"] > 5, second
+    assert second["sources"] >= 1 and "来源: " in second["text"], second
 
 
 def wait_for(cdp, expr, timeout=30):
