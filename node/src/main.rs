@@ -39,7 +39,7 @@ enum Command {
     /// (`app:<name>`, Dify-style /v1/chat-messages), WebSocket chat, web page at `/`,
     /// Prometheus metrics. Every option is also a `RAGNODE_*` env var and a key of the
     /// --config TOML file (flags > env > file > defaults).
-    Serve(config::ServeArgs),
+    Serve(Box<config::ServeArgs>),
 }
 
 #[derive(Args)]

@@ -331,6 +331,20 @@ def test_client_disconnect_cancels_generation(node):
         assert time.time() < deadline, "generation still running after the client left"
         time.sleep(0.1)
 
+    # Non-streaming: the connection closes while the handler waits for the whole answer.
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(dict(body, stream=False)).encode(),
+                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    deadline = time.time() + 10
+    while metric(node, "ragnode:num_requests_running") != 1:
+        assert time.time() < deadline, "the request never started"
+        time.sleep(0.05)
+    conn.sock.close()
+    deadline = time.time() + 10
+    while metric(node, "ragnode:num_requests_running") != 0:
+        assert time.time() < deadline, "non-streaming generation still running after the client left"
+        time.sleep(0.1)
+
 
 # --- Admin API ---------------------------------------------------------------------
 

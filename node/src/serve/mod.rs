@@ -112,7 +112,7 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
     });
     tokio::select! {
         // A signal while loading.
-        res = &mut server => return Ok(res.context("server task")?.context("serving HTTP")?),
+        res = &mut server => return res.context("server task")?.context("serving HTTP"),
         loaded = loader => {
             loaded.context("loader task")??;
             eprintln!("ragnode ready: model {} on http://{addr}", state.model_id);

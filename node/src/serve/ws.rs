@@ -240,13 +240,16 @@ async fn run_chat(
     let _ = finished.send(id);
 }
 
+/// (conversation id, app name, question) of an app request.
+type AppTurn = (String, String, String);
+
 /// Starts one request: a RAG app question or a plain model chat. Returns the answer and,
 /// for apps, (conversation id, app name, question).
 fn start(
     state: &SharedState,
     ask: &ChatAsk,
     audit: Option<Arc<AuditCell>>,
-) -> Result<(super::answer::AnswerStream, Option<(String, String, String)>), ApiError> {
+) -> Result<(super::answer::AnswerStream, Option<AppTurn>), ApiError> {
     if ask.max_tokens == Some(0) {
         return Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1"));
     }
