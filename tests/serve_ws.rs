@@ -96,6 +96,33 @@ async fn two_requests_stream_concurrently_one_is_cancelled_and_pings_arrive() {
     assert!(text["faq"].contains("30天") && text["faq"].contains("来源: 退货政策是什么？"));
     assert!(pings >= 1, "server pings every second");
 
+    // A cancelled id may be reused at once: the new request runs to its end (it is not
+    // taken for the old one when that one's cancellation completes).
+    let long = json!({"type": "chat", "id": "again", "model": "smollm2", "max_tokens": 3000, "temperature": 0,
+                      "messages": [{"role": "user", "content": "Write a long story about the sea."}]});
+    send(&mut ws, long).await;
+    let mut dones = Vec::new();
+    let mut reused = false;
+    while dones.len() < 2 {
+        let Message::Text(t) = ws.next().await.expect("open").expect("frame") else { continue };
+        let ev: Value = serde_json::from_str(t.as_str()).unwrap();
+        assert_eq!(ev["id"], "again", "{ev}");
+        match ev["type"].as_str() {
+            Some("delta") if !reused => {
+                send(&mut ws, json!({"type": "cancel", "id": "again"})).await;
+                send(&mut ws, json!({"type": "chat", "id": "again", "model": "smollm2", "max_tokens": 8,
+                                     "messages": [{"role": "user", "content": "Say hi."}]}))
+                .await;
+                reused = true;
+            }
+            Some("done") => dones.push(ev["finish_reason"].as_str().unwrap().to_string()),
+            Some("delta") => {}
+            _ => panic!("unexpected {ev}"),
+        }
+    }
+    assert_eq!(dones[0], "cancelled");
+    assert!(["stop", "length"].contains(&dones[1].as_str()), "{dones:?}");
+
     // A bad message gets an error event; the socket stays usable.
     ws.send(Message::text("{not json")).await.unwrap();
     send(&mut ws, json!({"type": "chat", "id": "m", "model": "nope", "messages": [{"role": "user", "content": "x"}]}))

@@ -394,15 +394,17 @@ impl ServeConfig {
     }
 }
 
-/// `KEY` or `ID=KEY`.
+/// `KEY` or `ID=KEY`, where ID is a plain name (letters, digits, `-`, `_`, `.`); a key
+/// itself may contain `=` (base64). Errors never print the key.
 fn parse_key(spec: &str, prefix: &str, i: usize) -> Result<ApiKey> {
     let spec = spec.trim();
+    let is_name = |id: &str| !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     let (id, key) = match spec.split_once('=') {
-        Some((id, key)) if !id.is_empty() => (id.to_string(), key.to_string()),
+        Some((id, key)) if is_name(id) && !key.is_empty() => (id.to_string(), key.to_string()),
         _ => (format!("{prefix}-{}", i + 1), spec.to_string()),
     };
     if key.is_empty() {
-        bail!("empty API key in {spec:?}");
+        bail!("{prefix} key #{} is empty", i + 1);
     }
     Ok(ApiKey { id, key, app: None })
 }
@@ -437,6 +439,10 @@ mod tests {
         assert_eq!(cfg.apps[0].temperature, 0.3);
         assert_eq!(cfg.auth.api_keys[0].id, "bot");
         assert_eq!(cfg.auth.api_keys[0].key, "sk-12345678");
+        let k = parse_key("c2stYWJjZGVmZ2g=", "key", 0).unwrap();
+        assert_eq!((k.id.as_str(), k.key.as_str()), ("key-1", "c2stYWJjZGVmZ2g="));
+        let k = parse_key("bot=c2stYWJjZGVmZ2g==", "key", 0).unwrap();
+        assert_eq!((k.id.as_str(), k.key.as_str()), ("bot", "c2stYWJjZGVmZ2g=="));
     }
 
     #[test]

@@ -167,6 +167,16 @@ def test_app_answers_the_return_policy_citing_its_faq(client, node):
     assert hits[-1]["cache_hit"] is True, "the repeated question came from the hot-answer cache"
 
 
+def test_app_cache_keeps_only_complete_answers_made_with_the_app_settings(client, node):
+    q = [{"role": "user", "content": "退货的运费由谁承担，退款多久到账"}]
+    short = client.chat.completions.create(model="app:faq", messages=q, max_tokens=2)
+    assert short.choices[0].finish_reason == "length"
+    again = client.chat.completions.create(model="app:faq", messages=q)
+    line = [l for l in audit_lines(node) if l["app"] == "faq"][-1]
+    assert line["cache_hit"] is False, "a request with its own max_tokens does not fill the cache"
+    assert again.usage.completion_tokens > 2
+
+
 def test_app_generation_runs_the_model_and_appends_the_source(client):
     # A question the FAQ only partly covers: confidence below the direct-answer bar.
     r = client.chat.completions.create(model="app:faq", max_tokens=40,
@@ -262,6 +272,17 @@ def test_bad_input_gets_4xx_json_never_5xx(node):
     assert status == 400
     status, err = error_of(raw(node, "GET", "/v1/nothing-here"))
     assert status == 404
+    status, err = error_of(raw(node, "POST", "/v1/chat/completions", json.dumps({"model": MODEL, "messages": msgs}).encode(),
+                               headers={"Content-Type": "text/plain"}))
+    assert status == 415, "no simple cross-site POSTs"
+    status, err = error_of(raw(node, "POST", "/v1/chat/completions",
+                               {"model": "app:faq", "messages": [{"role": "user", "content": "退货" * 2000}]}))
+    assert status == 400 and "limit" in err["message"]
+    status, err = error_of(raw(node, "POST", "/v1/chat/completions",
+                               {"model": "app:faq", "messages": [{"role": "user", "content": "？？？"}]}))
+    assert status == 400
+    status, err = error_of(raw(node, "GET", "/v1/chat/ws"))
+    assert status == 400 and err["code"] == "websocket_required"
     status, err = error_of(raw(node, "POST", "/v1/chat/completions", {"model": MODEL, "messages": msgs}, key=None))
     assert status == 401 and err["type"] == "authentication_error"
     assert node.alive()

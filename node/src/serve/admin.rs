@@ -84,6 +84,9 @@ pub async fn get(State(state): State<SharedState>, Path(id): Path<String>) -> Re
 }
 
 pub async fn search(State(state): State<SharedState>, ApiJson(req): ApiJson<SearchRequest>) -> Result<Json<Value>, ApiError> {
+    if req.query.len() > super::rag::MAX_QUESTION_BYTES {
+        return Err(ApiError::invalid_param("query", format!("the query is over {} bytes", super::rag::MAX_QUESTION_BYTES)));
+    }
     let k = req.k.unwrap_or(5);
     if k == 0 || k > 100 {
         return Err(ApiError::invalid_param("k", "k must be in 1..=100"));

@@ -45,8 +45,11 @@ pub struct AnswerStream {
     /// Appended after a complete model answer.
     suffix: Option<String>,
     end_after_suffix: Option<AnswerEnd>,
-    /// Stores the complete answer in this app's cache under this key.
-    cache: Option<(Arc<RagApp>, String)>,
+    /// Stores the complete answer in this app's cache under this key (planned in this
+    /// cache epoch).
+    cache: Option<(Arc<RagApp>, String, u64)>,
+    /// Tokens generated so far (for usage when the stream ends early).
+    generated: usize,
     text: String,
     deadline: tokio::time::Instant,
     audit: Option<Arc<AuditCell>>,
@@ -77,6 +80,7 @@ impl AnswerStream {
             suffix: None,
             end_after_suffix: None,
             cache: None,
+            generated: 0,
             text: String::new(),
             deadline,
             audit: None,
@@ -92,8 +96,8 @@ impl AnswerStream {
         self
     }
 
-    pub fn with_cache(mut self, app: Arc<RagApp>, key: Option<String>) -> Self {
-        self.cache = key.map(|k| (app, k));
+    pub fn with_cache(mut self, app: Arc<RagApp>, key: Option<(String, u64)>) -> Self {
+        self.cache = key.map(|(k, epoch)| (app, k, epoch));
         self
     }
 
@@ -181,7 +185,24 @@ impl AnswerStream {
     }
 
     fn error_end(&self, code: &'static str, message: String) -> AnswerEnd {
-        AnswerEnd { finish_reason: "error", usage: Usage::default(), error: Some((code, message)) }
+        AnswerEnd { finish_reason: "error", usage: self.usage_so_far(), error: Some((code, message)) }
+    }
+
+    fn usage_so_far(&self) -> Usage {
+        Usage { prompt_tokens: self.prompt_tokens, completion_tokens: self.generated }
+    }
+
+    /// Ends the stream as cancelled by the client (WebSocket `cancel`).
+    pub fn cancel(mut self) -> Usage {
+        let usage = self.usage_so_far();
+        if let Some(a) = &self.audit {
+            a.update(|r| {
+                r.completion_tokens = usage.completion_tokens;
+                r.finish_reason = Some("cancelled");
+            });
+        }
+        self.origin = Origin::Ended;
+        usage
     }
 
     fn on_tokens(&mut self, n: usize) {
@@ -200,6 +221,7 @@ impl AnswerStream {
             Some(prev) => m::inter_token_latency(now - prev, n),
         }
         m::generation_tokens(n);
+        self.generated += n;
         self.last_token = Some(now);
     }
 
@@ -210,11 +232,12 @@ impl AnswerStream {
         if from_engine {
             m::e2e_latency(self.started.elapsed(), end.finish_reason);
         }
+        // Only an answer the model ended itself is worth repeating to others.
         if end.error.is_none()
-            && end.finish_reason != "cancelled"
-            && let Some((app, key)) = self.cache.take()
+            && end.finish_reason == "stop"
+            && let Some((app, key, epoch)) = self.cache.take()
         {
-            app.store(key, std::mem::take(&mut self.text), self.sources.clone());
+            app.store(key, std::mem::take(&mut self.text), self.sources.clone(), epoch);
         }
         if let Some(a) = &self.audit {
             let prompt = self.prompt_tokens.max(end.usage.prompt_tokens);
@@ -255,8 +278,10 @@ impl Drop for AnswerStream {
         if !matches!(self.origin, Origin::Ended)
             && let Some(a) = &self.audit
         {
+            let generated = self.generated;
             a.update(|r| {
                 if r.finish_reason.is_none() {
+                    r.completion_tokens = generated;
                     r.finish_reason = Some("cancelled");
                     r.error_code = Some("client_disconnected");
                 }

@@ -124,6 +124,25 @@ impl Drop for AuditGuard {
     }
 }
 
+/// Until the response exists: a request whose handler is dropped (the client closed the
+/// connection first) is still counted and audited, with nginx's 499.
+struct PendingAudit {
+    guard: Option<AuditGuard>,
+    route: &'static str,
+}
+
+impl Drop for PendingAudit {
+    fn drop(&mut self) {
+        if let Some(g) = &self.guard {
+            g.cell.update(|r| {
+                r.status = 499;
+                r.error_code.get_or_insert("client_disconnected");
+            });
+            metrics::counter!("ragnode:http_requests_total", "route" => self.route, "status" => "499").increment(1);
+        }
+    }
+}
+
 /// The response body, carrying the guard.
 struct AuditedBody {
     inner: Body,
@@ -196,6 +215,21 @@ fn request_id(headers: &HeaderMap) -> String {
     headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
 }
 
+/// A client's `x-request-id` is kept only if it is a plain token (letters, digits, `-`,
+/// `_`, `.`, `:`; at most 128), so audit lines stay parseable; otherwise the server makes
+/// one.
+pub async fn sanitize_request_id(mut req: Request, next: Next) -> Response {
+    let ok = |v: &str| {
+        !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+    };
+    if let Some(v) = req.headers().get("x-request-id")
+        && !v.to_str().is_ok_and(ok)
+    {
+        req.headers_mut().remove("x-request-id");
+    }
+    next.run(req).await
+}
+
 /// Middleware: audit cell in, request counter and audited body out.
 pub async fn audit(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
     let route = route_label(req.uri().path());
@@ -217,6 +251,10 @@ pub async fn audit(State(state): State<SharedState>, mut req: Request, next: Nex
         }),
     });
     req.extensions_mut().insert(cell.clone());
+    // Probes and scrapes are counted, not audited.
+    let audited = !matches!(route, "/metrics" | "/healthz" | "/readyz");
+    let mut pending =
+        PendingAudit { guard: audited.then(|| AuditGuard { cell: cell.clone(), sink: state.audit.clone() }), route };
     let resp = next.run(req).await;
     let status = resp.status();
     metrics::counter!("ragnode:http_requests_total", "route" => route, "status" => status.as_str().to_string())
@@ -228,9 +266,8 @@ pub async fn audit(State(state): State<SharedState>, mut req: Request, next: Nex
             r.error_code = code;
         }
     });
-    if route == "/metrics" || route == "/healthz" || route == "/readyz" {
-        return resp; // probes and scrapes are counted, not audited
+    match pending.guard.take() {
+        Some(guard) => resp.map(|inner| Body::new(AuditedBody { inner, _guard: guard })),
+        None => resp,
     }
-    let guard = AuditGuard { cell, sink: state.audit.clone() };
-    resp.map(|inner| Body::new(AuditedBody { inner, _guard: guard }))
 }

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
-use axum::http::HeaderMap;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -53,16 +53,18 @@ impl KeyRing {
     }
 }
 
-fn presented_key<'a>(headers: &'a HeaderMap, query: Option<&'a str>, allow_query: bool) -> Option<&'a str> {
+fn presented_key(headers: &HeaderMap, uri: &Uri, allow_query: bool) -> Option<String> {
     if let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
         let v = v.trim();
-        return Some(v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).unwrap_or(v).trim());
+        return Some(v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).unwrap_or(v).trim().to_string());
     }
     if let Some(v) = headers.get("api-key").and_then(|v| v.to_str().ok()) {
-        return Some(v.trim());
+        return Some(v.trim().to_string());
     }
     if allow_query {
-        return query?.split('&').find_map(|kv| kv.strip_prefix("api_key="));
+        // Percent-decoded, as browsers encode it (`URLSearchParams`).
+        let Query(q) = Query::<HashMap<String, String>>::try_from_uri(uri).ok()?;
+        return q.get("api_key").cloned();
     }
     None
 }
@@ -76,12 +78,12 @@ fn authenticate(state: &SharedState, req: &Request, admin: bool) -> Result<Calle
         return Ok(Caller { key_id: None, admin: false, app: None });
     }
     let allow_query = req.uri().path() == "/v1/chat/ws";
-    let Some(key) = presented_key(req.headers(), req.uri().query(), allow_query) else {
+    let Some(key) = presented_key(req.headers(), req.uri(), allow_query) else {
         return Err(ApiError::unauthorized(
             "You didn't provide an API key. Provide it in the Authorization header (Authorization: Bearer YOUR_KEY).",
         ));
     };
-    let caller = keys.lookup(key).ok_or_else(|| ApiError::unauthorized("Incorrect API key provided."))?;
+    let caller = keys.lookup(&key).ok_or_else(|| ApiError::unauthorized("Incorrect API key provided."))?;
     if admin && !caller.admin {
         return Err(ApiError::forbidden("this key may not use the admin API"));
     }
@@ -119,9 +121,10 @@ mod tests {
     #[test]
     fn keys_come_from_bearer_headers_or_the_websocket_query() {
         let mut h = HeaderMap::new();
-        assert_eq!(presented_key(&h, Some("api_key=k1"), true), Some("k1"));
-        assert_eq!(presented_key(&h, Some("api_key=k1"), false), None);
+        let uri: Uri = "/v1/chat/ws?api_key=k%2B1%3D&x=y".parse().unwrap();
+        assert_eq!(presented_key(&h, &uri, true).as_deref(), Some("k+1="));
+        assert_eq!(presented_key(&h, &uri, false), None);
         h.insert("authorization", "Bearer sk-abc".parse().unwrap());
-        assert_eq!(presented_key(&h, None, false), Some("sk-abc"));
+        assert_eq!(presented_key(&h, &uri, false).as_deref(), Some("sk-abc"));
     }
 }

@@ -11,6 +11,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -24,7 +25,7 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::rag::Source;
-use super::state::{AppState, SharedState};
+use super::state::{RagOverrides, SharedState};
 
 #[derive(Deserialize, Debug)]
 pub struct ChatMessageRequest {
@@ -80,10 +81,11 @@ pub async fn chat_messages(
     State(state): State<SharedState>,
     caller: Option<Extension<Caller>>,
     audit: Option<Extension<Arc<AuditCell>>>,
-    Query(q): Query<AppQuery>,
+    q: Result<Query<AppQuery>, QueryRejection>,
     ApiJson(req): ApiJson<ChatMessageRequest>,
 ) -> Result<Response, ApiError> {
     let audit = audit.map(|a| a.0);
+    let Query(q) = q.map_err(|e| ApiError::bad_request("invalid_request", format!("query string: {}", e.body_text())))?;
     let streaming = match req.response_mode.as_str() {
         "streaming" => true,
         "blocking" => false,
@@ -102,8 +104,14 @@ pub async fn chat_messages(
         Some(id) => (id.to_string(), state.conversations.history(id, &app_name, user)?),
         None => (new_uuid(), Vec::new()),
     };
-    let params = AppState::app_params(&app, None, None, None, None);
-    let answer = state.start_rag(&app, &req.query, &history, params, audit)?;
+    if let Some(a) = &audit {
+        let u = req.user.clone();
+        a.update(|r| {
+            r.user = u;
+            r.model = Some(format!("app:{app_name}"));
+        });
+    }
+    let answer = state.start_rag(&app, &req.query, &history, RagOverrides::default(), audit)?;
     let message_id = new_uuid();
     let task_id = new_uuid();
     let created_at = std::time::SystemTime::now()
@@ -125,8 +133,8 @@ pub async fn chat_messages(
         return Ok(Sse::new(events(answer, ctx)).keep_alive(KeepAlive::default()).into_response());
     }
     let (text, _, end, sources) = answer.collect().await;
-    if let Some((code, message)) = end.error {
-        return Err(if code == "timeout" { ApiError::timeout(message) } else { ApiError::internal(message) });
+    if let Some(e) = super::openai::end_error(&end) {
+        return Err(e);
     }
     ctx.remember(&text);
     Ok(Json(json!({

@@ -1,9 +1,10 @@
 //! Request extractors that answer bad input the OpenAI way.
 //!
-//! [`ApiJson`] reads the body itself instead of axum's `Json`: any content type is
-//! accepted as JSON (clients get it wrong often); a body over the limit is read to the end
-//! and discarded (up to a cap) before the 413, so the client sees the answer instead of a
-//! reset connection while it is still sending.
+//! [`ApiJson`] reads the body itself instead of axum's `Json`: a JSON content type or none
+//! is accepted (form and plain-text types are refused, so a web page cannot post to the
+//! API without a CORS preflight); a body over the limit is read to the end and discarded
+//! (up to a cap) before the 413, so the client sees the answer instead of a reset
+//! connection while it is still sending.
 
 use axum::body::{Body, HttpBody};
 use axum::extract::{FromRequest, Request};
@@ -23,6 +24,15 @@ impl<T: DeserializeOwned> FromRequest<SharedState> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &SharedState) -> Result<Self, Self::Rejection> {
+        if let Some(ct) = req.headers().get(axum::http::header::CONTENT_TYPE) {
+            let ct = ct.to_str().unwrap_or_default().to_ascii_lowercase();
+            if ["application/x-www-form-urlencoded", "multipart/form-data", "text/plain"].iter().any(|t| ct.starts_with(t)) {
+                return Err(ApiError {
+                    status: axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    ..ApiError::bad_request("unsupported_media_type", "send the body as JSON (Content-Type: application/json)")
+                });
+            }
+        }
         let limit = state.cfg.limits.max_body_bytes;
         let bytes = read_limited(req.into_body(), limit).await?;
         serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| ApiError::from_json(&e))

@@ -34,7 +34,7 @@ fn describe() {
     describe_histogram!("ragnode:e2e_request_latency_seconds", "Time from arrival to the end of generation.");
     describe_counter!("ragnode:prompt_tokens_total", "Prompt tokens processed.");
     describe_counter!("ragnode:generation_tokens_total", "Tokens generated.");
-    describe_counter!("ragnode:request_success_total", "Generations ended, by finish reason.");
+    describe_counter!("ragnode:request_success_total", "Generations completed (stop or length), by finish reason.");
     describe_gauge!("ragnode:num_requests_running", "Requests in the running batch.");
     describe_gauge!("ragnode:num_requests_waiting", "Requests waiting for admission.");
     describe_gauge!("ragnode:kv_cache_usage_perc", "Share of KV-cache blocks in use (0-1).");
@@ -62,7 +62,9 @@ pub fn inter_token_latency(gap: Duration, n: usize) {
 
 pub fn e2e_latency(d: Duration, finish_reason: &'static str) {
     metrics::histogram!("ragnode:e2e_request_latency_seconds").record(d.as_secs_f64());
-    metrics::counter!("ragnode:request_success_total", "finished_reason" => finish_reason).increment(1);
+    if matches!(finish_reason, "stop" | "length") {
+        metrics::counter!("ragnode:request_success_total", "finished_reason" => finish_reason).increment(1);
+    }
 }
 
 pub fn prompt_tokens(n: usize) {

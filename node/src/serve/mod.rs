@@ -238,10 +238,13 @@ pub fn router(state: SharedState) -> Router {
     if let Some(cors) = cors_layer(&state.cfg.cors.allow_origins) {
         app = app.layer(cors);
     }
-    app.layer(from_fn_with_state(state.clone(), audit::audit))
-        .layer(from_fn(panic_guard))
+    // Outermost last. The panic guard sits inside the audit layer so a panicking request is
+    // still counted and audited (as its 500).
+    app.layer(from_fn(panic_guard))
+        .layer(from_fn_with_state(state.clone(), audit::audit))
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
         .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
+        .layer(from_fn(audit::sanitize_request_id))
         .with_state(state)
 }
 
@@ -258,7 +261,12 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
         CorsLayer::new()
             .allow_origin(allow)
             .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
-            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, HeaderName::from_static("x-request-id")])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("api-key"),
+                HeaderName::from_static("x-request-id"),
+            ])
             .expose_headers([HeaderName::from_static("x-request-id")]),
     )
 }

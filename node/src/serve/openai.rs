@@ -23,7 +23,7 @@ use super::audit::AuditCell;
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::rag::Source;
-use super::state::{AppState, GenParams, SharedState};
+use super::state::{AppState, GenParams, RagOverrides, SharedState};
 
 /// `stop`: one string or a list.
 #[derive(Deserialize, Debug)]
@@ -247,7 +247,8 @@ fn target<'a>(state: &AppState, model: &'a str) -> Result<Target<'a>, ApiError> 
 }
 
 /// OpenAI's logprobs object for one choice.
-fn logprobs_json(tok: &ModelTokenizer, lps: &[SampledLogprobs]) -> Value {
+fn logprobs_json(tok: Option<&Arc<ModelTokenizer>>, lps: &[SampledLogprobs]) -> Value {
+    let Some(tok) = tok else { return Value::Null };
     let entry = |id: u32, lp: f32| {
         let text = tok.decode(&[id], false).unwrap_or_default();
         json!({ "token": text, "logprob": lp, "bytes": text.as_bytes() })
@@ -299,15 +300,26 @@ pub async fn chat_completions(
             if last.role != "user" {
                 return Err(ApiError::invalid_param("messages", "the last message must be the user's question"));
             }
+            if top.is_some() {
+                return Err(ApiError::invalid_param("logprobs", "apps do not return logprobs"));
+            }
             let f = &req.sampling;
-            let mut app_params = AppState::app_params(&app, f.temperature, f.top_p, params.max_tokens, params.sampling.seed);
-            app_params.stop.append(&mut params.stop);
+            let overrides = RagOverrides {
+                temperature: f.temperature,
+                top_p: f.top_p,
+                max_tokens: params.max_tokens,
+                seed: params.sampling.seed,
+                stop: std::mem::take(&mut params.stop),
+                presence_penalty: f.presence_penalty,
+                frequency_penalty: f.frequency_penalty,
+            };
             // The app's own system prompt replaces a client's: history is user/assistant turns.
             let history: Vec<ChatMessage> = history.iter().filter(|m| m.role != "system").cloned().collect();
-            state.start_rag(&app, &last.content, &history, app_params, audit)?
+            state.start_rag(&app, &last.content, &history, overrides, audit)?
         }
     };
-    let tok = state.engine()?.tokenizer().clone();
+    // Only logprobs need the tokenizer: cached and direct answers work while the model loads.
+    let tok = state.engine.get().map(|e| e.tokenizer().clone());
     let id = new_id("chatcmpl");
     let created = now_secs();
     if req.stream {
@@ -317,8 +329,8 @@ pub async fn chat_completions(
     }
     let prompt_tokens = answer.prompt_tokens();
     let (text, lps, end, sources) = answer.collect().await;
-    if let Some((code, message)) = end.error {
-        return Err(if code == "timeout" { ApiError::timeout(message) } else { ApiError::internal(message) });
+    if let Some(e) = end_error(&end) {
+        return Err(e);
     }
     let mut body = json!({
         "id": id,
@@ -329,7 +341,7 @@ pub async fn chat_completions(
         "choices": [{
             "index": 0,
             "message": { "role": "assistant", "content": text, "refusal": Value::Null },
-            "logprobs": if top.is_some() { logprobs_json(&tok, &lps) } else { Value::Null },
+            "logprobs": if top.is_some() { logprobs_json(tok.as_ref(), &lps) } else { Value::Null },
             "finish_reason": end.finish_reason,
         }],
         "usage": usage_body(&end.usage, prompt_tokens),
@@ -338,6 +350,16 @@ pub async fn chat_completions(
         body["sources"] = json!(*sources);
     }
     Ok(Json(body).into_response())
+}
+
+/// The error a non-streaming response gets for an answer that did not complete.
+pub fn end_error(end: &AnswerEnd) -> Option<ApiError> {
+    match (&end.error, end.finish_reason) {
+        (Some((code, message)), _) if *code == "timeout" => Some(ApiError::timeout(message.clone())),
+        (Some((_, message)), _) => Some(ApiError::internal(message.clone())),
+        (None, "cancelled") => Some(ApiError::not_ready("the request was cancelled: the server is shutting down")),
+        _ => None,
+    }
 }
 
 fn sse_json(v: &Value) -> Result<Event, Infallible> {
@@ -351,7 +373,7 @@ fn error_event(code: &str, message: &str) -> Value {
 /// The chunks of a streamed chat completion.
 fn chat_chunks(
     answer: AnswerStream,
-    tok: Arc<ModelTokenizer>,
+    tok: Option<Arc<ModelTokenizer>>,
     id: String,
     created: u64,
     model: String,
@@ -388,7 +410,7 @@ fn chat_chunks(
             }
             match st.answer.next().await {
                 Some(AnswerEvent::Delta { text, logprobs: lps }) => {
-                    let lp = if logprobs { logprobs_json(&tok, &lps) } else { Value::Null };
+                    let lp = if logprobs { logprobs_json(tok.as_ref(), &lps) } else { Value::Null };
                     events.push(sse_json(&chunk(json!({ "content": text }), None, lp, None)));
                 }
                 Some(AnswerEvent::Done(end)) => {
@@ -466,7 +488,7 @@ pub async fn completions(
     // OpenAI's legacy default.
     params.max_tokens.get_or_insert(16);
     let answer = state.start_completion(&prompt, params, audit)?;
-    let tok = state.engine()?.tokenizer().clone();
+    let tok = state.engine.get().map(|e| e.tokenizer().clone());
     let id = new_id("cmpl");
     let created = now_secs();
     let echo = if req.echo { Some(prompt) } else { None };
@@ -499,7 +521,7 @@ pub async fn completions(
                     let mut finished = false;
                     match answer.next().await {
                         Some(AnswerEvent::Delta { text, logprobs }) => {
-                            let lp = if want_lp { legacy_logprobs(&tok, &logprobs) } else { Value::Null };
+                            let lp = if want_lp { legacy_logprobs(tok.as_ref(), &logprobs) } else { Value::Null };
                             events.push(sse_json(&chunk(text, None, lp, None)));
                         }
                         Some(AnswerEvent::Done(end)) => {
@@ -526,8 +548,8 @@ pub async fn completions(
     }
     let prompt_tokens = answer.prompt_tokens();
     let (text, lps, end, _) = answer.collect().await;
-    if let Some((code, message)) = end.error {
-        return Err(if code == "timeout" { ApiError::timeout(message) } else { ApiError::internal(message) });
+    if let Some(e) = end_error(&end) {
+        return Err(e);
     }
     let text = match echo {
         Some(p) => p + &text,
@@ -542,7 +564,7 @@ pub async fn completions(
         "choices": [{
             "index": 0,
             "text": text,
-            "logprobs": if top.is_some() { legacy_logprobs(&tok, &lps) } else { Value::Null },
+            "logprobs": if top.is_some() { legacy_logprobs(tok.as_ref(), &lps) } else { Value::Null },
             "finish_reason": end.finish_reason,
         }],
         "usage": usage_body(&end.usage, prompt_tokens),
@@ -551,7 +573,8 @@ pub async fn completions(
 }
 
 /// The legacy completions logprobs object.
-fn legacy_logprobs(tok: &ModelTokenizer, lps: &[SampledLogprobs]) -> Value {
+fn legacy_logprobs(tok: Option<&Arc<ModelTokenizer>>, lps: &[SampledLogprobs]) -> Value {
+    let Some(tok) = tok else { return Value::Null };
     let text = |id: u32| tok.decode(&[id], false).unwrap_or_default();
     let tokens: Vec<String> = lps.iter().map(|l| text(l.chosen.token)).collect();
     let token_logprobs: Vec<f32> = lps.iter().map(|l| l.chosen.logprob).collect();

@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -60,8 +61,9 @@ pub enum RagPlan {
         sources: Arc<Vec<Source>>,
         /// The source line appended after the model's answer.
         suffix: Option<String>,
-        /// Where to cache the answer once complete (first turns only).
-        cache_key: Option<String>,
+        /// Where to cache the answer once complete (first turns only), and the cache
+        /// epoch it was planned in.
+        cache_key: Option<(String, u64)>,
     },
 }
 
@@ -70,7 +72,13 @@ pub struct RagApp {
     pub cfg: AppConfig,
     env: Environment<'static>,
     cache: HotAnswerCache<CachedAnswer>,
+    /// Bumped by every cache clear: an answer computed from the FAQ as it was before a
+    /// write is not stored after it.
+    epoch: AtomicU64,
 }
+
+/// Longest question accepted (bytes): questions are cache keys and jieba input.
+pub const MAX_QUESTION_BYTES: usize = 4096;
 
 /// Stop strings that end the model's own source line (the server writes it).
 pub const SOURCE_STOPS: [&str; 4] = ["来源:", "来源：", "Source:", "Sources:"];
@@ -82,7 +90,7 @@ impl RagApp {
             .map_err(|e| format!("app {:?}: prompt_template: {e}", cfg.name))?;
         let cache_capacity = if cfg.cache { ragnode_retrieval::cache::DEFAULT_CAPACITY } else { 0 };
         let cache = HotAnswerCache::new(cache_capacity, ragnode_retrieval::cache::DEFAULT_TTL);
-        Ok(Self { cfg, env, cache })
+        Ok(Self { cfg, env, cache, epoch: AtomicU64::new(0) })
     }
 
     pub fn cache_counters(&self) -> Arc<CacheCounters> {
@@ -91,7 +99,13 @@ impl RagApp {
 
     /// Drops every cached answer (after a FAQ write).
     pub fn clear_cache(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         self.cache.clear();
+    }
+
+    /// The cache epoch; pass it back to [`RagApp::store`].
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
     }
 
     /// Cache lookup only: the answer to a first-turn question, if cached.
@@ -110,11 +124,10 @@ impl RagApp {
         question: &str,
         history: &[ChatMessage],
     ) -> Result<(RagPlan, Option<Duration>), ApiError> {
-        if question.trim().is_empty() {
-            return Err(ApiError::bad_request("invalid_request", "the question is empty"));
-        }
+        Self::check_question(question)?;
         // (The caller looks in the cache first: see `AppState::start_rag`.)
         let first_turn = history.is_empty();
+        let epoch = self.epoch();
         let t = Instant::now();
         let hits = shard
             .search(question, &SearchOptions { k: self.cfg.top_k, ..SearchOptions::default() })
@@ -131,7 +144,7 @@ impl RagApp {
             let sources = Arc::new(vec![Source::from(*top)]);
             let text = format!("{}\n\n{}", top.answer, source_line(&sources));
             if let Some(key) = cache_key {
-                self.cache.put(key, Arc::new(CachedAnswer { text: text.clone(), sources: sources.clone() }));
+                self.store(key, text.clone(), sources.clone(), epoch);
             }
             return Ok((RagPlan::Answer { text, sources, cache_hit: false }, took));
         }
@@ -161,12 +174,30 @@ impl RagApp {
         messages.extend(history.iter().cloned());
         messages.push(ChatMessage::user(prompt));
         let suffix = (!sources.is_empty()).then(|| format!("\n\n{}", source_line(&sources)));
+        let cache_key = cache_key.map(|k| (k, epoch));
         Ok((RagPlan::Generate { messages, sources, suffix, cache_key }, took))
     }
 
-    /// Remembers a complete first-turn answer.
-    pub fn store(&self, key: String, text: String, sources: Arc<Vec<Source>>) {
-        self.cache.put(key, Arc::new(CachedAnswer { text, sources }));
+    /// Remembers a complete first-turn answer computed in cache epoch `epoch` (dropped if
+    /// the FAQ changed since).
+    pub fn store(&self, key: String, text: String, sources: Arc<Vec<Source>>, epoch: u64) {
+        if self.epoch() == epoch {
+            self.cache.put(key, Arc::new(CachedAnswer { text, sources }));
+        }
+    }
+
+    /// Checks a question before it is used as a cache key and search input.
+    pub fn check_question(question: &str) -> Result<(), ApiError> {
+        if question.len() > MAX_QUESTION_BYTES {
+            return Err(ApiError::invalid_param(
+                "messages",
+                format!("the question is {} bytes; the limit is {MAX_QUESTION_BYTES}", question.len()),
+            ));
+        }
+        if normalize_question(question).is_empty() {
+            return Err(ApiError::invalid_param("messages", "the question is empty"));
+        }
+        Ok(())
     }
 }
 
@@ -195,7 +226,8 @@ pub struct ConversationStore {
 impl ConversationStore {
     pub fn new(max_conversations: usize, max_messages: usize) -> Self {
         let cap = NonZeroUsize::new(max_conversations.max(1)).unwrap_or(NonZeroUsize::MIN);
-        Self { inner: Mutex::new(LruCache::new(cap)), max_messages: max_messages.max(2) }
+        // Kept in whole exchanges (a question and its answer).
+        Self { inner: Mutex::new(LruCache::new(cap)), max_messages: (max_messages.max(2) / 2) * 2 }
     }
 
     /// The conversation's earlier messages, if it exists and belongs to `app` and `user`.
@@ -219,7 +251,9 @@ impl ConversationStore {
         });
         conv.messages.push_back(ChatMessage::user(question));
         conv.messages.push_back(ChatMessage::assistant(answer));
+        // Whole exchanges go, so the history still starts with a user turn.
         while conv.messages.len() > self.max_messages {
+            conv.messages.pop_front();
             conv.messages.pop_front();
         }
     }

@@ -100,7 +100,7 @@ impl AppState {
         let limit = engine.context_limit();
         let prompt_len = ids.len();
         let too_long = |requested: Option<usize>| {
-            let ask = requested.map(|n| format!(" However, you requested {} tokens ({prompt_len} in the messages, {n} in the completion).", prompt_len + n)).unwrap_or_else(|| format!(" However, your messages resulted in {prompt_len} tokens."));
+            let ask = requested.map(|n| format!(" However, you requested {} tokens ({prompt_len} in the messages, {n} in the completion).", prompt_len.saturating_add(n))).unwrap_or_else(|| format!(" However, your messages resulted in {prompt_len} tokens."));
             ApiError {
                 param: Some("messages"),
                 ..ApiError::bad_request(
@@ -113,7 +113,7 @@ impl AppState {
             return Err(too_long(None));
         }
         let max_tokens = match params.max_tokens {
-            Some(n) if prompt_len + n > limit => return Err(too_long(Some(n))),
+            Some(n) if prompt_len.saturating_add(n) > limit => return Err(too_long(Some(n))),
             Some(n) => n,
             None => limit - prompt_len,
         };
@@ -133,15 +133,20 @@ impl AppState {
         app: &Arc<RagApp>,
         question: &str,
         history: &[ChatMessage],
-        overrides: GenParams,
+        overrides: RagOverrides,
         audit: Option<Arc<AuditCell>>,
     ) -> Result<AnswerStream, ApiError> {
         if let Some(a) = &audit {
             let name = app.cfg.name.clone();
             a.update(|r| r.app = Some(name));
         }
+        RagApp::check_question(question)?;
+        // Answers made with the app's own settings are shared through its cache; a request
+        // with its own settings neither reads nor fills it.
+        let shared = overrides.is_empty();
         // A cached first turn needs neither the index nor the model.
-        if history.is_empty()
+        if shared
+            && history.is_empty()
             && let Some(hit) = app.cached(question)
         {
             return Ok(AnswerStream::known(hit.text.clone(), hit.sources.clone(), true).with_audit(audit));
@@ -156,25 +161,50 @@ impl AppState {
                 Ok(AnswerStream::known(text, sources, cache_hit).with_audit(audit))
             }
             RagPlan::Generate { messages, sources, suffix, cache_key } => {
-                let mut params = overrides;
+                let mut params = overrides.params(app)?;
                 params.stop.extend(super::rag::SOURCE_STOPS.iter().map(|s| s.to_string()));
                 let stream = self.start_chat(&messages, params, audit)?;
+                let cache_key = if shared { cache_key } else { None };
                 Ok(stream.with_sources(sources, suffix).with_cache(app.clone(), cache_key))
             }
         }
     }
+}
 
-    /// The app's default generation settings, with a request's overrides.
-    pub fn app_params(app: &RagApp, temperature: Option<f32>, top_p: Option<f32>, max_tokens: Option<usize>, seed: Option<u64>) -> GenParams {
-        GenParams {
-            sampling: SamplingParams {
-                temperature: temperature.unwrap_or(app.cfg.temperature),
-                top_p: top_p.unwrap_or(app.cfg.top_p),
-                seed,
-                ..SamplingParams::default()
-            },
-            max_tokens: Some(max_tokens.unwrap_or(app.cfg.max_tokens)),
-            stop: Vec::new(),
-        }
+/// A request's changes to a RAG app's generation settings.
+#[derive(Clone, Debug, Default)]
+pub struct RagOverrides {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub max_tokens: Option<usize>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+}
+
+impl RagOverrides {
+    pub fn is_empty(&self) -> bool {
+        self.temperature.is_none()
+            && self.top_p.is_none()
+            && self.max_tokens.is_none()
+            && self.seed.is_none()
+            && self.stop.is_empty()
+            && self.presence_penalty.is_none()
+            && self.frequency_penalty.is_none()
+    }
+
+    /// The app's settings with these changes, validated.
+    fn params(self, app: &RagApp) -> Result<GenParams, ApiError> {
+        let sampling = SamplingParams {
+            temperature: self.temperature.unwrap_or(app.cfg.temperature),
+            top_p: self.top_p.unwrap_or(app.cfg.top_p),
+            seed: self.seed,
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            ..SamplingParams::default()
+        };
+        sampling.validate().map_err(|m| ApiError::bad_request("invalid_value", m))?;
+        Ok(GenParams { sampling, max_tokens: Some(self.max_tokens.unwrap_or(app.cfg.max_tokens)), stop: self.stop })
     }
 }

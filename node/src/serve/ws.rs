@@ -20,8 +20,10 @@ use std::time::Duration;
 
 use axum::Extension;
 use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
 use ragnode_models::tokenizer::ChatMessage;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -31,7 +33,7 @@ use super::answer::AnswerEvent;
 use super::audit::AuditCell;
 use super::error::ApiError;
 use super::openai::sources_json;
-use super::state::{AppState, GenParams, SharedState};
+use super::state::{GenParams, RagOverrides, SharedState};
 
 #[derive(Deserialize, Debug)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -62,8 +64,15 @@ struct ChatAsk {
 pub async fn upgrade(
     State(state): State<SharedState>,
     audit: Option<Extension<Arc<AuditCell>>>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            return ApiError::bad_request("websocket_required", format!("connect with a WebSocket: {}", e.body_text()))
+                .into_response();
+        }
+    };
     let limits = &state.cfg.limits;
     let audit = audit.map(|a| a.0);
     ws.max_message_size(limits.ws_max_message_bytes)
@@ -75,19 +84,42 @@ fn error_msg(id: Option<&str>, e: &ApiError) -> Value {
     json!({ "type": "error", "id": id, "code": e.code, "message": e.message })
 }
 
-async fn serve_socket(state: SharedState, mut socket: WebSocket, audit: Option<Arc<AuditCell>>) {
+/// Frames waiting for the writer; a client that lets this fill is not reading and is
+/// closed.
+const OUT_QUEUE: usize = 1024;
+
+/// A request in flight: its cancel switch and a token telling it from a later request
+/// that reuses the client id.
+struct InFlight {
+    token: u64,
+    cancel: oneshot::Sender<()>,
+}
+
+async fn serve_socket(state: SharedState, socket: WebSocket, audit: Option<Arc<AuditCell>>) {
     let limits = state.cfg.limits.clone();
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Value>();
-    // Cancel senders of the requests in flight, by client id.
-    let mut inflight: HashMap<String, oneshot::Sender<()>> = HashMap::new();
-    let (finished_tx, mut finished_rx) = mpsc::unbounded_channel::<String>();
+    let (mut sink, mut stream) = socket.split();
+    // One writer task owns the sink, so a client that stops reading blocks only it: the
+    // loop below keeps reading frames, handling cancels and counting missed pongs.
+    let (out_tx, mut out_rx) = mpsc::channel::<Message>(OUT_QUEUE);
+    let writer = tokio::spawn(async move {
+        while let Some(m) = out_rx.recv().await {
+            let close = matches!(m, Message::Close(_));
+            if sink.send(m).await.is_err() || close {
+                break;
+            }
+        }
+    });
+    let mut inflight: HashMap<String, InFlight> = HashMap::new();
+    let mut next_token = 0u64;
+    let (finished_tx, mut finished_rx) = mpsc::unbounded_channel::<(String, u64)>();
     let period = Duration::from_secs(limits.ws_ping_interval_secs);
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     let mut unanswered_pings = 0u32;
     let mut ping_seq = 0u64;
+    let reply = |v: Value| Message::Text(v.to_string().into());
     loop {
         tokio::select! {
-            incoming = socket.recv() => {
+            incoming = stream.next() => {
                 let msg = match incoming {
                     Some(Ok(m)) => m,
                     // Closed, reset, or a frame over the size limit.
@@ -97,75 +129,84 @@ async fn serve_socket(state: SharedState, mut socket: WebSocket, audit: Option<A
                     }
                     None => break,
                 };
-                match msg {
-                    Message::Text(text) => {
-                        match serde_json::from_str::<ClientMessage>(text.as_str()) {
-                            Ok(ClientMessage::Chat(ask)) => {
-                                let id = ask.id.clone();
-                                if inflight.contains_key(&id) {
-                                    let e = ApiError::bad_request("duplicate_id", format!("request {id:?} is already in flight"));
-                                    let _ = out_tx.send(error_msg(Some(&id), &e));
-                                } else if inflight.len() >= limits.ws_max_inflight {
-                                    let e = ApiError::overloaded(format!("at most {} requests in flight per socket", limits.ws_max_inflight));
-                                    let _ = out_tx.send(error_msg(Some(&id), &e));
-                                } else {
-                                    let (cancel_tx, cancel_rx) = oneshot::channel();
-                                    inflight.insert(id.clone(), cancel_tx);
-                                    tokio::spawn(run_chat(state.clone(), ask, out_tx.clone(), cancel_rx, finished_tx.clone(), audit.clone()));
-                                }
-                            }
-                            Ok(ClientMessage::Cancel { id }) => {
-                                if let Some(tx) = inflight.remove(&id) {
-                                    let _ = tx.send(());
-                                }
-                            }
-                            Err(e) => {
-                                let id = serde_json::from_str::<Value>(text.as_str()).ok().and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_string));
-                                let e = ApiError::bad_request("invalid_message", format!("invalid message: {e}"));
-                                let _ = out_tx.send(error_msg(id.as_deref(), &e));
+                let answer = match msg {
+                    Message::Text(text) => match serde_json::from_str::<ClientMessage>(text.as_str()) {
+                        Ok(ClientMessage::Chat(ask)) => {
+                            let id = ask.id.clone();
+                            if inflight.contains_key(&id) {
+                                let e = ApiError::bad_request("duplicate_id", format!("request {id:?} is already in flight"));
+                                Some(error_msg(Some(&id), &e))
+                            } else if inflight.len() >= limits.ws_max_inflight {
+                                let e = ApiError::overloaded(format!("at most {} requests in flight per socket", limits.ws_max_inflight));
+                                Some(error_msg(Some(&id), &e))
+                            } else {
+                                let (cancel_tx, cancel_rx) = oneshot::channel();
+                                next_token += 1;
+                                inflight.insert(id, InFlight { token: next_token, cancel: cancel_tx });
+                                tokio::spawn(run_chat(state.clone(), ask, next_token, out_tx.clone(), cancel_rx, finished_tx.clone(), audit.clone()));
+                                None
                             }
                         }
+                        Ok(ClientMessage::Cancel { id }) => {
+                            if let Some(f) = inflight.remove(&id) {
+                                let _ = f.cancel.send(());
+                            }
+                            None
+                        }
+                        Err(e) => {
+                            let id = serde_json::from_str::<Value>(text.as_str()).ok().and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_string));
+                            let e = ApiError::bad_request("invalid_message", format!("invalid message: {e}"));
+                            Some(error_msg(id.as_deref(), &e))
+                        }
+                    },
+                    Message::Binary(_) => Some(error_msg(None, &ApiError::bad_request("invalid_message", "send JSON text frames"))),
+                    Message::Pong(_) => {
+                        unanswered_pings = 0;
+                        None
                     }
-                    Message::Binary(_) => {
-                        let e = ApiError::bad_request("invalid_message", "send JSON text frames");
-                        let _ = out_tx.send(error_msg(None, &e));
-                    }
-                    Message::Pong(_) => unanswered_pings = 0,
-                    Message::Ping(_) => {} // axum answers pings itself
+                    Message::Ping(_) => None, // answered by the WebSocket layer
                     Message::Close(_) => break,
-                }
-            }
-            Some(v) = out_rx.recv() => {
-                if socket.send(Message::Text(v.to_string().into())).await.is_err() {
+                };
+                if let Some(v) = answer && out_tx.try_send(reply(v)).is_err() {
                     break;
                 }
             }
-            Some(id) = finished_rx.recv() => {
-                inflight.remove(&id);
+            Some((id, token)) = finished_rx.recv() => {
+                // Only the request that finished: the id may already name a newer one.
+                if inflight.get(&id).is_some_and(|f| f.token == token) {
+                    inflight.remove(&id);
+                }
             }
             _ = ping.tick() => {
                 if unanswered_pings >= 2 {
-                    let _ = socket.send(Message::Close(Some(CloseFrame { code: 1011, reason: "missed pongs".into() }))).await;
+                    let close = Message::Close(Some(CloseFrame { code: 1011, reason: "missed pongs".into() }));
+                    let _ = out_tx.try_send(close);
                     break;
                 }
                 unanswered_pings += 1;
                 ping_seq += 1;
-                if socket.send(Message::Ping(ping_seq.to_be_bytes().to_vec().into())).await.is_err() {
-                    break;
+                if out_tx.try_send(Message::Ping(ping_seq.to_be_bytes().to_vec().into())).is_err() {
+                    break; // the client has stopped reading
                 }
             }
         }
     }
-    // Dropping the cancel senders ends every request of this socket.
+    // Dropping the cancel switches ends every request of this socket.
     drop(inflight);
+    drop(out_tx);
+    // Give a queued close frame a moment, then stop writing.
+    if tokio::time::timeout(Duration::from_secs(1), writer).await.is_err() {
+        tracing::debug!("websocket writer stalled; dropping the connection");
+    }
 }
 
 async fn run_chat(
     state: SharedState,
     ask: ChatAsk,
-    out: mpsc::UnboundedSender<Value>,
+    token: u64,
+    out: mpsc::Sender<Message>,
     mut cancel: oneshot::Receiver<()>,
-    finished: mpsc::UnboundedSender<String>,
+    finished: mpsc::UnboundedSender<(String, u64)>,
     audit: Option<Arc<AuditCell>>,
 ) {
     let id = ask.id.clone();
@@ -177,8 +218,11 @@ async fn run_chat(
         }
         None => (None, None),
     };
-    let started = start(&state, &ask, cell.clone());
-    let (mut answer, conversation) = match started {
+    let send = |v: Value| {
+        let out = out.clone();
+        async move { out.send(Message::Text(v.to_string().into())).await.is_ok() }
+    };
+    let (mut answer, conversation) = match start(&state, &ask, cell.clone()) {
         Ok(x) => x,
         Err(e) => {
             if let Some(c) = &cell {
@@ -187,8 +231,8 @@ async fn run_chat(
                     r.error_code = Some(e.code);
                 });
             }
-            let _ = out.send(error_msg(Some(&id), &e));
-            let _ = finished.send(id);
+            send(error_msg(Some(&id), &e)).await;
+            let _ = finished.send((id, token));
             return;
         }
     };
@@ -196,23 +240,26 @@ async fn run_chat(
     loop {
         let ev = tokio::select! {
             ev = answer.next() => ev,
+            // A `cancel` message, or the socket went away (the switch was dropped).
             _ = &mut cancel => {
-                // Dropping the answer cancels the engine request.
-                drop(answer);
-                let _ = out.send(json!({ "type": "done", "id": id, "finish_reason": "cancelled", "usage": Value::Null, "sources": [] }));
+                // Ending the answer cancels the engine request.
+                let usage = answer.cancel();
+                send(json!({ "type": "done", "id": id, "finish_reason": "cancelled",
+                             "usage": { "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens },
+                             "sources": [] })).await;
                 break;
             }
         };
         match ev {
             Some(AnswerEvent::Delta { text: t, .. }) => {
                 text.push_str(&t);
-                if out.send(json!({ "type": "delta", "id": id, "text": t })).is_err() {
+                if !send(json!({ "type": "delta", "id": id, "text": t })).await {
                     break;
                 }
             }
             Some(AnswerEvent::Done(end)) => {
                 if let Some((code, message)) = &end.error {
-                    let _ = out.send(json!({ "type": "error", "id": id, "code": code, "message": message }));
+                    send(json!({ "type": "error", "id": id, "code": code, "message": message })).await;
                     break;
                 }
                 if let Some((conv_id, app, question)) = &conversation
@@ -220,7 +267,7 @@ async fn run_chat(
                 {
                     state.conversations.append(conv_id, app, None, question, &text);
                 }
-                let _ = out.send(json!({
+                send(json!({
                     "type": "done",
                     "id": id,
                     "finish_reason": end.finish_reason,
@@ -231,13 +278,14 @@ async fn run_chat(
                     "sources": sources_json(&answer.sources),
                     "conversation_id": conversation.as_ref().map(|c| c.0.clone()),
                     "cache_hit": answer.cache_hit,
-                }));
+                }))
+                .await;
                 break;
             }
             None => break,
         }
     }
-    let _ = finished.send(id);
+    let _ = finished.send((id, token));
 }
 
 /// (conversation id, app name, question) of an app request.
@@ -252,6 +300,10 @@ fn start(
 ) -> Result<(super::answer::AnswerStream, Option<AppTurn>), ApiError> {
     if ask.max_tokens == Some(0) {
         return Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1"));
+    }
+    if let Some(c) = &audit {
+        let model = ask.model.clone().or_else(|| Some(format!("app:{}", ask.app.as_deref().unwrap_or(&state.default_app))));
+        c.update(|r| r.model = model);
     }
     if let Some(model) = &ask.model
         && !model.starts_with("app:")
@@ -285,7 +337,13 @@ fn start(
         Some(c) => (c.to_string(), state.conversations.history(c, &app_name, None)?),
         None => (format!("ws-{:032x}", rand::random::<u128>()), Vec::new()),
     };
-    let params = AppState::app_params(&app, ask.temperature, ask.top_p, ask.max_tokens, ask.seed);
-    let answer = state.start_rag(&app, &query, &history, params, audit)?;
+    let overrides = RagOverrides {
+        temperature: ask.temperature,
+        top_p: ask.top_p,
+        max_tokens: ask.max_tokens,
+        seed: ask.seed,
+        ..RagOverrides::default()
+    };
+    let answer = state.start_rag(&app, &query, &history, overrides, audit)?;
     Ok((answer, Some((conv_id, app_name, query))))
 }
