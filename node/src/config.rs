@@ -20,6 +20,10 @@
 //! id = "shop-bot"
 //! key = "sk-..."
 //!
+//! [cluster]
+//! nats = "nats://nats:4222"
+//! name = "shop"
+//!
 //! [[apps]]
 //! name = "faq"
 //! top_k = 3
@@ -57,6 +61,45 @@ pub struct ServeConfig {
     pub cors: CorsConfig,
     /// RAG apps; default one app named `faq` with the default settings.
     pub apps: Vec<AppConfig>,
+    pub cluster: ClusterSettings,
+}
+
+/// Joining a cluster over NATS (none: the single-node embedded default).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// NATS server URL (`nats://host:4222`); none: run alone.
+    pub nats: Option<String>,
+    /// Cluster name: nodes with the same NATS and name form one service.
+    pub name: String,
+    /// This node's id, unique in the cluster (default: the host name).
+    pub node_id: Option<String>,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self { nats: None, name: "default".into(), node_id: None }
+    }
+}
+
+impl ClusterSettings {
+    /// The node id: configured, else the host name made subject-safe.
+    pub fn node_id(&self) -> String {
+        if let Some(id) = &self.node_id {
+            return id.clone();
+        }
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .unwrap_or_default();
+        let id: String = host
+            .trim()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+            .take(64)
+            .collect();
+        if id.is_empty() { "node".into() } else { id }
+    }
 }
 
 impl Default for ServeConfig {
@@ -74,6 +117,7 @@ impl Default for ServeConfig {
             auth: AuthConfig::default(),
             cors: CorsConfig::default(),
             apps: Vec::new(),
+            cluster: ClusterSettings::default(),
         }
     }
 }
@@ -274,6 +318,15 @@ pub struct ServeArgs {
     /// Seconds between WebSocket pings [default: 30].
     #[arg(long, env = "RAGNODE_WS_PING_INTERVAL_SECS")]
     pub ws_ping_interval_secs: Option<u64>,
+    /// NATS server to join a cluster through (`nats://host:4222`); none: a single node.
+    #[arg(long, env = "RAGNODE_NATS")]
+    pub nats: Option<String>,
+    /// Cluster name [default: default].
+    #[arg(long = "cluster", env = "RAGNODE_CLUSTER")]
+    pub cluster_name: Option<String>,
+    /// This node's id in the cluster [default: the host name].
+    #[arg(long, env = "RAGNODE_NODE_ID")]
+    pub node_id: Option<String>,
     /// Allowed CORS origin, or `*` (repeatable; env: comma-separated).
     #[arg(long = "cors-origin", env = "RAGNODE_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
@@ -336,6 +389,13 @@ impl ServeConfig {
             self.auth.admin_keys.push(parse_key(spec, "admin", i)?);
         }
         self.cors.allow_origins.extend(a.cors_origins.iter().cloned());
+        if a.nats.is_some() {
+            self.cluster.nats = a.nats.clone();
+        }
+        set(&mut self.cluster.name, &a.cluster_name);
+        if a.node_id.is_some() {
+            self.cluster.node_id = a.node_id.clone();
+        }
         if self.apps.is_empty() {
             self.apps.push(AppConfig::default());
         }
@@ -376,6 +436,8 @@ impl ServeConfig {
                 bail!("app {:?}: temperature must be >= 0 and top_p in (0, 1]", app.name);
             }
         }
+        crate::cluster::check_token("cluster name", &self.cluster.name)?;
+        crate::cluster::check_token("node id", &self.cluster.node_id())?;
         let mut keys = std::collections::HashSet::new();
         for k in self.auth.api_keys.iter().chain(&self.auth.admin_keys) {
             if k.key.len() < 8 {

@@ -6,6 +6,7 @@
 //! - `serve`: the node: OpenAI-compatible API, RAG apps, WebSocket chat, web page,
 //!   metrics ([`serve`]; configuration in [`config`]).
 
+mod cluster;
 mod config;
 mod faq;
 mod serve;
@@ -40,6 +41,30 @@ enum Command {
     /// Prometheus metrics. Every option is also a `RAGNODE_*` env var and a key of the
     /// --config TOML file (flags > env > file > defaults).
     Serve(Box<config::ServeArgs>),
+    /// Cluster tools: `ragnode cluster status` lists the live nodes.
+    Cluster(ClusterArgs),
+}
+
+#[derive(Args)]
+struct ClusterArgs {
+    #[command(subcommand)]
+    command: ClusterCommand,
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Lists the nodes of a cluster (listens to their statuses for 1.5 s).
+    Status {
+        /// NATS server URL.
+        #[arg(long, env = "RAGNODE_NATS")]
+        nats: String,
+        /// Cluster name.
+        #[arg(long = "cluster", env = "RAGNODE_CLUSTER", default_value = "default")]
+        cluster: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -114,6 +139,7 @@ fn main() {
         Command::Generate(args) => generate(args),
         Command::Faq(args) => faq::run(args),
         Command::Serve(_) => serve::run(serve_cfg.expect("loaded above")),
+        Command::Cluster(args) => cluster_command(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -188,5 +214,33 @@ fn generate(args: GenerateArgs) -> Result<()> {
         }
     }
     engine.shutdown();
+    Ok(())
+}
+
+fn cluster_command(args: ClusterArgs) -> Result<()> {
+    let ClusterCommand::Status { nats, cluster: name, json } = args.command;
+    cluster::check_token("cluster name", &name)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let members = rt.block_on(cluster::observe_once(&nats, &name, std::time::Duration::from_millis(1500)))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&members)?);
+        return Ok(());
+    }
+    println!("cluster {name}: {} live node(s)", members.len());
+    println!("{:<20} {:<22} {:<6} {:>7} {:>7} {:>6} {:>8} {:>8}", "NODE", "HTTP", "READY", "RUNNING", "WAITING", "KV%", "TOK/S", "FAQ");
+    for m in members {
+        let s = m.status;
+        println!(
+            "{:<20} {:<22} {:<6} {:>7} {:>7} {:>6.1} {:>8.1} {:>8}",
+            s.id,
+            s.http_addr,
+            s.ready,
+            s.running,
+            s.waiting,
+            s.kv_cache_usage * 100.0,
+            s.recent_tokens_per_s,
+            s.faq_documents
+        );
+    }
     Ok(())
 }

@@ -201,6 +201,7 @@ pub fn route_label(path: &str) -> &'static str {
         "/v1/models" => "/v1/models",
         "/v1/chat-messages" => "/v1/chat-messages",
         "/v1/chat/ws" => "/v1/chat/ws",
+        "/v1/cluster" => "/v1/cluster",
         "/healthz" => "/healthz",
         "/readyz" => "/readyz",
         "/metrics" => "/metrics",

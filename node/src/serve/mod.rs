@@ -90,12 +90,27 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
         audit,
         prometheus,
         started: Instant::now(),
+        node_id: cfg.cluster.node_id(),
+        http_addr: OnceLock::new(),
+        membership: OnceLock::new(),
         cfg,
     });
     let listener = tokio::net::TcpListener::bind(state.cfg.listen)
         .await
         .with_context(|| format!("binding {}", state.cfg.listen))?;
     let addr = listener.local_addr()?;
+    let _ = state.http_addr.set(addr);
+    if let Some(url) = state.cfg.cluster.nats.clone() {
+        let client = crate::cluster::connect(&url, &format!("ragnode-{}", state.node_id)).await?;
+        let weak = Arc::downgrade(&state);
+        let recent = std::sync::Mutex::new((0u64, Instant::now()));
+        let m = crate::cluster::Membership::join(client, &state.cfg.cluster.name, &state.node_id, move || {
+            weak.upgrade().map(|st| local_status(&st, &recent)).unwrap_or_default()
+        })
+        .await?;
+        let _ = state.membership.set(m);
+        tracing::info!(cluster = %state.cfg.cluster.name, node = %state.node_id, nats = %url, "joined the cluster");
+    }
     // Tests and scripts wait for this line (stderr) to learn the port.
     eprintln!("ragnode listening on http://{addr}");
     tracing::info!(%addr, model = %state.model_id, "listening; loading the model and the FAQ index");
@@ -123,6 +138,62 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
         engine.shutdown();
     }
     Ok(())
+}
+
+/// This node's status for the cluster. `recent` holds the generation-token count and
+/// time of the previous call, for tokens/s.
+fn local_status(state: &AppState, recent: &std::sync::Mutex<(u64, Instant)>) -> crate::cluster::NodeStatus {
+    let mut s = crate::cluster::NodeStatus {
+        id: state.node_id.clone(),
+        http_addr: state.http_addr.get().map(|a| a.to_string()).unwrap_or_default(),
+        model: state.model_id.clone(),
+        apps: {
+            let mut a: Vec<String> = state.apps.keys().cloned().collect();
+            a.sort();
+            a
+        },
+        ready: state.engine.get().is_some() && state.shard.get().is_some(),
+        uptime_s: state.started.elapsed().as_secs(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        ..Default::default()
+    };
+    if let Some(engine) = state.engine.get() {
+        let st = engine.stats();
+        s.running = st.running;
+        s.waiting = st.waiting;
+        s.kv_cache_usage =
+            if st.kv_blocks_total == 0 { 0.0 } else { st.kv_blocks_used as f64 / st.kv_blocks_total as f64 };
+        let mut r = recent.lock().unwrap_or_else(|e| e.into_inner());
+        let dt = r.1.elapsed().as_secs_f64();
+        if dt > 0.0 && r.0 > 0 {
+            s.recent_tokens_per_s = (st.generation_tokens.saturating_sub(r.0)) as f64 / dt;
+        }
+        *r = (st.generation_tokens.max(1), Instant::now());
+    }
+    if let Some(shard) = state.shard.get() {
+        s.faq_documents = shard.stats().num_docs;
+    }
+    s
+}
+
+/// `GET /v1/cluster`: the nodes this node sees (itself alone without NATS).
+async fn cluster_view(State(state): State<SharedState>) -> axum::Json<serde_json::Value> {
+    match state.membership.get() {
+        Some(m) => axum::Json(json!({
+            "mode": "cluster",
+            "cluster": m.cluster,
+            "node_id": state.node_id,
+            "nodes": m.view.live(),
+        })),
+        None => {
+            let recent = std::sync::Mutex::new((0u64, Instant::now()));
+            axum::Json(json!({
+                "mode": "embedded",
+                "node_id": state.node_id,
+                "nodes": [local_status(&state, &recent)],
+            }))
+        }
+    }
 }
 
 /// Loads the model, starts the engine, opens (and seeds) the FAQ shard.
@@ -214,6 +285,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/models/{id}", get(openai::get_model))
         .route("/v1/chat-messages", post(dify::chat_messages))
         .route("/v1/chat/ws", get(ws::upgrade))
+        .route("/v1/cluster", get(cluster_view))
         .route_layer(from_fn_with_state(state.clone(), auth::require_api_key));
     let admin = Router::new()
         .route("/v1/admin/faq", post(admin::upsert))

@@ -34,6 +34,12 @@ pub struct AppState {
     pub audit: AuditSink,
     pub prometheus: PrometheusHandle,
     pub started: Instant,
+    /// This node's id (also when alone).
+    pub node_id: String,
+    /// The address the listener got.
+    pub http_addr: OnceLock<std::net::SocketAddr>,
+    /// Set when the node has joined a cluster over NATS.
+    pub membership: OnceLock<Arc<crate::cluster::Membership>>,
 }
 
 /// Generation settings from a request, before they meet the prompt.
