@@ -104,3 +104,129 @@ fn without_nats_the_node_is_embedded() {
     assert_eq!(v["nodes"][0]["id"], "solo");
     assert_eq!(v["nodes"][0]["ready"], true);
 }
+
+/// POSTs JSON (Connection: close); returns (status, the `x-ragnode-node` header, body).
+fn post(addr: &str, path: &str, body: &Value) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    let b = body.to_string();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+        b.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let node = raw
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-ragnode-node: ").map(|v| v.trim().to_string()))
+        .unwrap_or_default();
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, node, body)
+}
+
+/// Opens a streaming chat; returns the `x-ragnode-node` header and a reader of SSE payloads.
+fn open_stream(addr: &str, body: &Value) -> (String, impl Iterator<Item = String> + use<>) {
+    use std::io::{BufRead, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let b = body.to_string();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+        b.len()
+    )
+    .unwrap();
+    let mut lines = std::io::BufReader::new(s).lines().map_while(Result::ok);
+    let mut node = String::new();
+    for l in lines.by_ref() {
+        if l.is_empty() {
+            break;
+        }
+        if let Some(v) = l.to_ascii_lowercase().strip_prefix("x-ragnode-node: ") {
+            node = v.trim().to_string();
+        }
+    }
+    (node, lines.filter_map(|l| l.strip_prefix("data: ").map(str::to_string)))
+}
+
+fn chat(user: &str, max_tokens: usize, stream: bool) -> Value {
+    serde_json::json!({
+        "model": "smollm2", "user": user, "max_tokens": max_tokens, "temperature": 0, "stream": stream,
+        "messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
+    })
+}
+
+fn metric(node: &ServeProcess, name: &str) -> f64 {
+    let (_, text) = http_get(&node.addr, "/metrics", None);
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+#[test]
+fn requests_run_on_their_session_node_and_survive_its_death() {
+    let nats = NatsServer::start();
+    let serve = |id: &str| {
+        ServeProcess::start(&["--nats", &nats.url(), "--cluster", "r", "--node-id", id, "--served-model-name", "smollm2"])
+    };
+    let a = serve("a");
+    let mut b = serve("b");
+    wait_view(&a, Duration::from_secs(10), "two ready nodes", |v| {
+        let nodes = v["nodes"].as_array().unwrap();
+        nodes.len() == 2 && nodes.iter().all(|n| n["ready"] == true)
+    });
+
+    // A session that hashes to b, asked at a, runs on b.
+    let user = (0..64)
+        .map(|i| format!("user-{i}"))
+        .find(|u| post(&a.addr, "/v1/chat/completions", &chat(u, 4, false)).1 == "b")
+        .expect("some session maps to b");
+    let (status, node, via_a) = post(&a.addr, "/v1/chat/completions", &chat(&user, 24, false));
+    assert_eq!((status, node.as_str()), (200, "b"), "{via_a}");
+    let (status, node, at_b) = post(&b.addr, "/v1/chat/completions", &chat(&user, 24, false));
+    assert_eq!((status, node.as_str()), (200, "b"), "the same session asked at b stays on b");
+    let text = |body: &str| {
+        let v: Value = serde_json::from_str(body).unwrap();
+        v["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+    };
+    assert_eq!(text(&via_a), text(&at_b), "greedy output is the same whichever node receives it");
+    assert!(metric(&b, "ragnode:remote_requests_served_total") >= 2.0);
+    assert!(metric(&a, "ragnode:remote_requests_total") >= 2.0);
+
+    // Streaming through a: every token arrives, in order, then [DONE].
+    let (node, events) = open_stream(&a.addr, &chat(&user, 24, true));
+    assert_eq!(node, "b");
+    let events: Vec<String> = events.collect();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(streamed, text(&at_b));
+
+    // b dies mid-stream: the client gets an error event within 5 s, then [DONE].
+    let (node, mut events) = open_stream(&a.addr, &chat(&user, 3000, true));
+    assert_eq!(node, "b");
+    for _ in 0..5 {
+        events.next().expect("tokens flow");
+    }
+    b.child.kill().unwrap();
+    let killed = Instant::now();
+    b.child.wait().unwrap();
+    let rest: Vec<String> = events.collect();
+    let ended = killed.elapsed();
+    assert!(ended < Duration::from_secs(5), "the stream ended {ended:?} after the kill");
+    assert_eq!(rest.last().map(String::as_str), Some("[DONE]"));
+    let err: Value = serde_json::from_str(&rest[rest.len() - 2]).expect("an error event");
+    assert!(err["error"]["message"].as_str().unwrap().contains("left the cluster"), "{err}");
+    eprintln!("stream cut {ended:?} after the kill");
+
+    // Before a notices b is gone, a new request for b's session is re-dispatched to a.
+    let (status, node, body) = post(&a.addr, "/v1/chat/completions", &chat(&user, 8, false));
+    assert_eq!((status, node.as_str()), (200, "a"), "{body}");
+}

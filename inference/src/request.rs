@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::sampling::{SampledLogprobs, SamplingParams};
 
@@ -38,7 +38,7 @@ impl GenerationRequest {
 }
 
 /// Why a stream ended (OpenAI's `finish_reason`, plus the engine's own cases).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FinishReason {
     /// An end-of-turn token, a stop token or a stop string.
@@ -62,14 +62,14 @@ impl FinishReason {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
 }
 
 /// Latencies of one request, measured by the engine.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Timings {
     /// From submission to admission into the running batch.
     pub queued: Duration,
@@ -79,8 +79,9 @@ pub struct Timings {
     pub total: Duration,
 }
 
-/// An event of a token stream.
-#[derive(Clone, Debug, PartialEq)]
+/// An event of a token stream (serializable: streams also cross the cluster).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum StreamEvent {
     /// New output. `text` is whole characters (it may be empty while a character or a
     /// possible stop string is pending); `token_ids` are the tokens this event accounts for.

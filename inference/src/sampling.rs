@@ -90,14 +90,14 @@ impl SamplingParams {
 }
 
 /// Log-probability of a token under the model's (unpenalised, untempered) distribution.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TokenLogprob {
     pub token: u32,
     pub logprob: f32,
 }
 
 /// The chosen token's log-probability and the most likely alternatives.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SampledLogprobs {
     pub chosen: TokenLogprob,
     pub top: Vec<TokenLogprob>,

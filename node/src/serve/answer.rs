@@ -9,11 +9,69 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use ragnode_inference::{FinishReason, SampledLogprobs, StreamEvent, TokenStream, Usage};
+use std::collections::VecDeque;
+
+use ragnode_inference::{EngineHandle, FinishReason, SampledLogprobs, StreamEvent, TokenStream, Usage};
 
 use super::audit::AuditCell;
 use super::metrics as m;
 use super::rag::{RagApp, Source};
+use super::routing::{Placement, RemoteEnd, RemoteRequest, RemoteStream, Router};
+
+/// Where a generated answer's tokens come from.
+pub enum TokenSource {
+    Local(TokenStream),
+    Remote(RemoteStream),
+}
+
+impl TokenSource {
+    pub fn node<'a>(&'a self, me: &'a str) -> &'a str {
+        match self {
+            Self::Local(_) => me,
+            Self::Remote(r) => &r.node,
+        }
+    }
+}
+
+/// What is needed to run a request elsewhere when its node vanished before answering.
+pub struct Redispatch {
+    pub router: Arc<Router>,
+    pub engine: Option<EngineHandle>,
+    pub req: RemoteRequest,
+    pub rest: VecDeque<Placement>,
+}
+
+/// Starts `req` on the first candidate that takes it (ourselves or another node).
+pub async fn dispatch(
+    router: &Router,
+    engine: Option<&EngineHandle>,
+    req: &RemoteRequest,
+    candidates: &mut VecDeque<Placement>,
+) -> Result<TokenSource, crate::serve::error::ApiError> {
+    use crate::serve::error::ApiError;
+    let mut last_err = None;
+    while let Some(c) = candidates.pop_front() {
+        match c {
+            Placement::Local => {
+                let Some(engine) = engine else { continue };
+                let mut run = ragnode_inference::GenerationRequest::new(req.prompt.clone(), req.max_tokens);
+                run.sampling = req.sampling.clone();
+                run.stop = req.stop.clone();
+                match engine.submit(run) {
+                    Ok(ts) => return Ok(TokenSource::Local(ts)),
+                    Err(e @ ragnode_inference::EngineError::Overloaded { .. }) => last_err = Some(ApiError::from(e)),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Placement::Remote(node) => {
+                if let Some(rs) = router.start_remote(&node, req).await? {
+                    return Ok(TokenSource::Remote(rs));
+                }
+            }
+        }
+    }
+    Err(last_err.unwrap_or_else(|| ApiError::overloaded("no node of the cluster could take the request")))
+}
 
 /// An event of an answer.
 #[derive(Debug)]
@@ -33,13 +91,16 @@ pub struct AnswerEnd {
 }
 
 enum Origin {
-    Engine(TokenStream),
+    Engine(TokenSource),
     Known(Option<String>),
     Ended,
 }
 
 pub struct AnswerStream {
     origin: Origin,
+    /// The node generating (or that answered); set by the caller for local answers.
+    pub served_by: String,
+    redispatch: Option<Redispatch>,
     pub sources: Arc<Vec<Source>>,
     pub cache_hit: bool,
     /// Appended after a complete model answer.
@@ -60,8 +121,23 @@ pub struct AnswerStream {
 
 impl AnswerStream {
     /// An answer the engine generates.
-    pub fn engine(stream: TokenStream, prompt_tokens: usize, deadline: tokio::time::Instant) -> Self {
-        Self::new(Origin::Engine(stream), prompt_tokens, deadline)
+    pub fn engine(source: TokenSource, prompt_tokens: usize, deadline: tokio::time::Instant) -> Self {
+        Self::new(Origin::Engine(source), prompt_tokens, deadline)
+    }
+
+    /// Lets a request whose node vanished before its first token run elsewhere.
+    pub fn with_redispatch(mut self, r: Option<Redispatch>) -> Self {
+        self.redispatch = r;
+        self
+    }
+
+    pub fn served_by(mut self, node: String) -> Self {
+        if let Some(a) = &self.audit {
+            let n = node.clone();
+            a.update(|r| r.node = Some(n));
+        }
+        self.served_by = node;
+        self
     }
 
     /// An answer known up front.
@@ -75,6 +151,8 @@ impl AnswerStream {
     fn new(origin: Origin, prompt_tokens: usize, deadline: tokio::time::Instant) -> Self {
         Self {
             origin,
+            served_by: String::new(),
+            redispatch: None,
             sources: Arc::new(Vec::new()),
             cache_hit: false,
             suffix: None,
@@ -133,9 +211,42 @@ impl AnswerStream {
                     }
                     return Some(AnswerEvent::Delta { text, logprobs: Vec::new() });
                 }
-                Origin::Engine(stream) => match tokio::time::timeout_at(self.deadline, stream.next()).await {
-                    Ok(Some(ev)) => ev,
-                    Ok(None) => {
+                Origin::Engine(source) => match tokio::time::timeout_at(self.deadline, async {
+                    match source {
+                        TokenSource::Local(ts) => Ok(ts.next().await),
+                        TokenSource::Remote(rs) => rs.next().await,
+                    }
+                })
+                .await
+                {
+                    Ok(Ok(Some(ev))) => ev,
+                    Ok(Err(RemoteEnd::LostBeforeFirstToken)) => {
+                        // Its node died before answering: run it on the next candidate.
+                        let gone = self.served_by.clone();
+                        let Some(mut r) = self.redispatch.take() else {
+                            let end = self.error_end("node_lost", format!("node {gone} left the cluster"));
+                            return Some(self.finish(end));
+                        };
+                        match dispatch(&r.router, r.engine.as_ref(), &r.req, &mut r.rest).await {
+                            Ok(src) => {
+                                let node = src.node(&r.router.membership.node_id).to_string();
+                                tracing::warn!(from = %gone, to = %node, "node lost before the first token; re-dispatched");
+                                self.origin = Origin::Engine(src);
+                                self.redispatch = Some(r);
+                                if let Some(a) = &self.audit {
+                                    let n = node.clone();
+                                    a.update(|rec| rec.node = Some(n));
+                                }
+                                self.served_by = node;
+                                continue;
+                            }
+                            Err(e) => {
+                                let end = self.error_end(e.code, e.message);
+                                return Some(self.finish(end));
+                            }
+                        }
+                    }
+                    Ok(Ok(None)) => {
                         let end = self.error_end("engine_error", "the engine dropped the request".into());
                         return Some(self.finish(end));
                     }

@@ -87,6 +87,8 @@ pub struct AuditRecord {
     pub route: String,
     pub model: Option<String>,
     pub app: Option<String>,
+    /// The node that generated the answer (cluster mode).
+    pub node: Option<String>,
     pub status: u16,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,

@@ -111,7 +111,8 @@ pub async fn chat_messages(
             r.model = Some(format!("app:{app_name}"));
         });
     }
-    let answer = state.start_rag(&app, &req.query, &history, RagOverrides::default(), audit)?;
+    let affinity = Some(conversation_id.as_str());
+    let answer = state.start_rag(&app, &req.query, &history, RagOverrides::default(), audit, affinity).await?;
     let message_id = new_uuid();
     let task_id = new_uuid();
     let created_at = std::time::SystemTime::now()

@@ -25,6 +25,7 @@ pub mod extract;
 pub mod metrics;
 pub mod openai;
 pub mod rag;
+pub mod routing;
 pub mod state;
 pub mod ws;
 
@@ -93,6 +94,7 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
         node_id: cfg.cluster.node_id(),
         http_addr: OnceLock::new(),
         membership: OnceLock::new(),
+        router: OnceLock::new(),
         cfg,
     });
     let listener = tokio::net::TcpListener::bind(state.cfg.listen)
@@ -108,7 +110,11 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
             weak.upgrade().map(|st| local_status(&st, &recent)).unwrap_or_default()
         })
         .await?;
-        let _ = state.membership.set(m);
+        let _ = state.membership.set(m.clone());
+        let _ = state.router.set(Arc::new(routing::Router { membership: m.clone(), model_id: state.model_id.clone() }));
+        let weak = Arc::downgrade(&state);
+        routing::serve_remote(m, state.model_id.clone(), move || weak.upgrade().and_then(|s| s.engine.get().cloned()))
+            .await?;
         tracing::info!(cluster = %state.cfg.cluster.name, node = %state.node_id, nats = %url, "joined the cluster");
     }
     // Tests and scripts wait for this line (stderr) to learn the port.

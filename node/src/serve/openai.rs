@@ -293,7 +293,7 @@ pub async fn chat_completions(
     };
     let mut params = req.sampling.to_params(top)?;
     let answer = match target(&state, &req.model)? {
-        Target::Model => state.start_chat(&messages, params, audit)?,
+        Target::Model => state.start_chat(&messages, params, audit, req.sampling.user.as_deref()).await?,
         Target::App(name) => {
             let app = state.app(name)?.clone();
             let (last, history) = messages.split_last().ok_or_else(|| ApiError::invalid_param("messages", "empty"))?;
@@ -315,17 +315,18 @@ pub async fn chat_completions(
             };
             // The app's own system prompt replaces a client's: history is user/assistant turns.
             let history: Vec<ChatMessage> = history.iter().filter(|m| m.role != "system").cloned().collect();
-            state.start_rag(&app, &last.content, &history, overrides, audit)?
+            state.start_rag(&app, &last.content, &history, overrides, audit, req.sampling.user.as_deref()).await?
         }
     };
     // Only logprobs need the tokenizer: cached and direct answers work while the model loads.
     let tok = state.engine.get().map(|e| e.tokenizer().clone());
     let id = new_id("chatcmpl");
     let created = now_secs();
+    let node = node_header(&answer);
     if req.stream {
         let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let stream = chat_chunks(answer, tok, id, created, req.model, include_usage, top.is_some());
-        return Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response());
+        return Ok((node, Sse::new(stream).keep_alive(KeepAlive::default())).into_response());
     }
     let prompt_tokens = answer.prompt_tokens();
     let (text, lps, end, sources) = answer.collect().await;
@@ -349,7 +350,7 @@ pub async fn chat_completions(
     if !sources.is_empty() {
         body["sources"] = json!(*sources);
     }
-    Ok(Json(body).into_response())
+    Ok((node, Json(body)).into_response())
 }
 
 /// The error a non-streaming response gets for an answer that did not complete.
@@ -487,10 +488,11 @@ pub async fn completions(
     let mut params = req.sampling.to_params(top)?;
     // OpenAI's legacy default.
     params.max_tokens.get_or_insert(16);
-    let answer = state.start_completion(&prompt, params, audit)?;
+    let answer = state.start_completion(&prompt, params, audit, req.sampling.user.as_deref()).await?;
     let tok = state.engine.get().map(|e| e.tokenizer().clone());
     let id = new_id("cmpl");
     let created = now_secs();
+    let node = node_header(&answer);
     let echo = if req.echo { Some(prompt) } else { None };
     if req.stream {
         let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
@@ -544,7 +546,7 @@ pub async fn completions(
                 }
             },
         );
-        return Ok(Sse::new(futures_util::StreamExt::flatten(stream)).keep_alive(KeepAlive::default()).into_response());
+        return Ok((node, Sse::new(futures_util::StreamExt::flatten(stream)).keep_alive(KeepAlive::default())).into_response());
     }
     let prompt_tokens = answer.prompt_tokens();
     let (text, lps, end, _) = answer.collect().await;
@@ -555,7 +557,7 @@ pub async fn completions(
         Some(p) => p + &text,
         None => text,
     };
-    Ok(Json(json!({
+    Ok((node, Json(json!({
         "id": id,
         "object": "text_completion",
         "created": created,
@@ -568,8 +570,14 @@ pub async fn completions(
             "finish_reason": end.finish_reason,
         }],
         "usage": usage_body(&end.usage, prompt_tokens),
-    }))
+    })))
     .into_response())
+}
+
+/// `x-ragnode-node`: which node generated the answer.
+pub fn node_header(answer: &AnswerStream) -> [(axum::http::HeaderName, axum::http::HeaderValue); 1] {
+    let v = axum::http::HeaderValue::from_str(&answer.served_by).unwrap_or(axum::http::HeaderValue::from_static(""));
+    [(axum::http::HeaderName::from_static("x-ragnode-node"), v)]
 }
 
 /// The legacy completions logprobs object.

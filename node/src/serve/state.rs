@@ -9,7 +9,10 @@ use ragnode_inference::{EngineHandle, GenerationRequest, SamplingParams};
 use ragnode_models::tokenizer::ChatMessage;
 use ragnode_retrieval::FaqShard;
 
-use super::answer::AnswerStream;
+use std::collections::VecDeque;
+
+use super::answer::{AnswerStream, Redispatch, TokenSource, dispatch};
+use super::routing::{Placement, RemoteRequest, Router};
 use super::audit::{AuditCell, AuditSink};
 use super::auth::KeyRing;
 use super::error::ApiError;
@@ -40,6 +43,8 @@ pub struct AppState {
     pub http_addr: OnceLock<std::net::SocketAddr>,
     /// Set when the node has joined a cluster over NATS.
     pub membership: OnceLock<Arc<crate::cluster::Membership>>,
+    /// Set with the membership: places generations on the cluster's nodes.
+    pub router: OnceLock<Arc<Router>>,
 }
 
 /// Generation settings from a request, before they meet the prompt.
@@ -69,12 +74,14 @@ impl AppState {
         tokio::time::Instant::now() + Duration::from_secs(self.cfg.limits.request_timeout_secs)
     }
 
-    /// Renders `messages` with the model's chat template and starts generating.
-    pub fn start_chat(
+    /// Renders `messages` with the model's chat template and starts generating (here or,
+    /// in a cluster, on the node `affinity` maps to).
+    pub async fn start_chat(
         &self,
         messages: &[ChatMessage],
         params: GenParams,
         audit: Option<Arc<AuditCell>>,
+        affinity: Option<&str>,
     ) -> Result<AnswerStream, ApiError> {
         let engine = self.engine()?;
         let tok = engine.tokenizer();
@@ -83,25 +90,32 @@ impl AppState {
             .map_err(|e| ApiError::bad_request("invalid_request", format!("the chat template failed: {e}")))?;
         // The template spells out any BOS it wants.
         let ids = tok.encode(&text, false).map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?;
-        self.start_ids(ids, params, audit)
+        self.start_ids(ids, params, audit, affinity).await
     }
 
     /// Tokenizes a raw prompt (with BOS) and starts generating.
-    pub fn start_completion(
+    pub async fn start_completion(
         &self,
         prompt: &str,
         params: GenParams,
         audit: Option<Arc<AuditCell>>,
+        affinity: Option<&str>,
     ) -> Result<AnswerStream, ApiError> {
         let engine = self.engine()?;
         let ids = engine.tokenizer().encode(prompt, true).map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?;
         if ids.is_empty() {
             return Err(ApiError::invalid_param("prompt", "the prompt is empty"));
         }
-        self.start_ids(ids, params, audit)
+        self.start_ids(ids, params, audit, affinity).await
     }
 
-    fn start_ids(&self, ids: Vec<u32>, params: GenParams, audit: Option<Arc<AuditCell>>) -> Result<AnswerStream, ApiError> {
+    async fn start_ids(
+        &self,
+        ids: Vec<u32>,
+        params: GenParams,
+        audit: Option<Arc<AuditCell>>,
+        affinity: Option<&str>,
+    ) -> Result<AnswerStream, ApiError> {
         let engine = self.engine()?;
         let limit = engine.context_limit();
         let prompt_len = ids.len();
@@ -123,24 +137,46 @@ impl AppState {
             Some(n) => n,
             None => limit - prompt_len,
         };
-        let mut req = GenerationRequest::new(ids, max_tokens);
-        req.sampling = params.sampling;
-        req.stop = params.stop;
-        let stream = engine.submit(req)?;
         if let Some(a) = &audit {
             a.update(|r| r.prompt_tokens = prompt_len);
         }
-        Ok(AnswerStream::engine(stream, prompt_len, self.deadline()).with_audit(audit))
+        let Some(router) = self.router.get() else {
+            let mut req = GenerationRequest::new(ids, max_tokens);
+            req.sampling = params.sampling;
+            req.stop = params.stop;
+            let stream = engine.submit(req)?;
+            return Ok(AnswerStream::engine(TokenSource::Local(stream), prompt_len, self.deadline())
+                .with_audit(audit)
+                .served_by(self.node_id.clone()));
+        };
+        let req = RemoteRequest {
+            request_id: format!("{}-{:016x}", self.node_id, rand::random::<u64>()),
+            from: self.node_id.clone(),
+            model: self.model_id.clone(),
+            prompt: ids,
+            sampling: params.sampling,
+            max_tokens,
+            stop: params.stop,
+        };
+        let mut rest: VecDeque<Placement> = router.candidates(affinity).into();
+        let source = dispatch(router, Some(engine), &req, &mut rest).await?;
+        let node = source.node(&self.node_id).to_string();
+        let redispatch = Redispatch { router: router.clone(), engine: Some(engine.clone()), req, rest };
+        Ok(AnswerStream::engine(source, prompt_len, self.deadline())
+            .with_redispatch(Some(redispatch))
+            .with_audit(audit)
+            .served_by(node))
     }
 
     /// Answers a RAG app's question (after `history`): cache, direct answer or model.
-    pub fn start_rag(
+    pub async fn start_rag(
         &self,
         app: &Arc<RagApp>,
         question: &str,
         history: &[ChatMessage],
         overrides: RagOverrides,
         audit: Option<Arc<AuditCell>>,
+        affinity: Option<&str>,
     ) -> Result<AnswerStream, ApiError> {
         if let Some(a) = &audit {
             let name = app.cfg.name.clone();
@@ -155,7 +191,9 @@ impl AppState {
             && history.is_empty()
             && let Some(hit) = app.cached(question)
         {
-            return Ok(AnswerStream::known(hit.text.clone(), hit.sources.clone(), true).with_audit(audit));
+            return Ok(AnswerStream::known(hit.text.clone(), hit.sources.clone(), true)
+                .with_audit(audit)
+                .served_by(self.node_id.clone()));
         }
         let shard = self.shard()?;
         let (plan, took) = app.plan(shard, question, history)?;
@@ -164,12 +202,12 @@ impl AppState {
         }
         match plan {
             RagPlan::Answer { text, sources, cache_hit } => {
-                Ok(AnswerStream::known(text, sources, cache_hit).with_audit(audit))
+                Ok(AnswerStream::known(text, sources, cache_hit).with_audit(audit).served_by(self.node_id.clone()))
             }
             RagPlan::Generate { messages, sources, suffix, cache_key } => {
                 let mut params = overrides.params(app)?;
                 params.stop.extend(super::rag::SOURCE_STOPS.iter().map(|s| s.to_string()));
-                let stream = self.start_chat(&messages, params, audit)?;
+                let stream = self.start_chat(&messages, params, audit, affinity).await?;
                 let cache_key = if shared { cache_key } else { None };
                 Ok(stream.with_sources(sources, suffix).with_cache(app.clone(), cache_key))
             }

@@ -222,7 +222,7 @@ async fn run_chat(
         let out = out.clone();
         async move { out.send(Message::Text(v.to_string().into())).await.is_ok() }
     };
-    let (mut answer, conversation) = match start(&state, &ask, cell.clone()) {
+    let (mut answer, conversation) = match start(&state, &ask, cell.clone()).await {
         Ok(x) => x,
         Err(e) => {
             if let Some(c) = &cell {
@@ -293,7 +293,7 @@ type AppTurn = (String, String, String);
 
 /// Starts one request: a RAG app question or a plain model chat. Returns the answer and,
 /// for apps, (conversation id, app name, question).
-fn start(
+async fn start(
     state: &SharedState,
     ask: &ChatAsk,
     audit: Option<Arc<AuditCell>>,
@@ -320,7 +320,7 @@ fn start(
         params.sampling.top_p = ask.top_p.unwrap_or(1.0);
         params.sampling.seed = ask.seed;
         params.sampling.validate().map_err(|m| ApiError::bad_request("invalid_value", m))?;
-        return Ok((state.start_chat(&messages, params, audit)?, None));
+        return Ok((state.start_chat(&messages, params, audit, None).await?, None));
     }
     let app_name = ask
         .app
@@ -344,6 +344,6 @@ fn start(
         seed: ask.seed,
         ..RagOverrides::default()
     };
-    let answer = state.start_rag(&app, &query, &history, overrides, audit)?;
+    let answer = state.start_rag(&app, &query, &history, overrides, audit, Some(&conv_id)).await?;
     Ok((answer, Some((conv_id, app_name, query))))
 }
