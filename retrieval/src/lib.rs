@@ -11,4 +11,4 @@ pub mod shard;
 pub mod snippet;
 
 pub use entry::{EntryError, FaqEntry};
-pub use shard::{CONFIDENT, FaqHit, FaqShard, MatchedField, SearchOptions, ShardConfig, ShardError};
+pub use shard::{CONFIDENT, CorpusStats, FaqHit, FaqShard, MatchedField, SearchOptions, ShardConfig, ShardError, merge_hits};

@@ -13,12 +13,12 @@
 //! [`SearchBoosts`]), and returns per hit the matched field, a highlighted snippet and a
 //! confidence (see [`FaqHit::confidence`]).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tantivy::collector::TopDocs;
 use tantivy::query::{BooleanQuery, BoostQuery, Occur, Query, TermQuery};
 use tantivy::schema::{IndexRecordOption, Value};
@@ -108,7 +108,7 @@ impl Default for SearchOptions {
 }
 
 /// Which field a hit matched best.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MatchedField {
     Question,
@@ -117,7 +117,7 @@ pub enum MatchedField {
 }
 
 /// One search result.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FaqHit {
     pub id: String,
     /// BM25 score on this shard's statistics.
@@ -136,13 +136,82 @@ pub struct FaqHit {
     pub confidence: f32,
 }
 
-/// Document counts and document frequencies of a query's terms on this shard, so several
-/// shards' scores can be put on a common scale.
-#[derive(Clone, Debug, Serialize)]
-pub struct TermStats {
+/// BM25 statistics of a corpus — one shard, or several [`merge`](CorpusStats::merge)d —
+/// for one query's terms: the "DFS" step of a distributed search. Shards that score with
+/// the same merged statistics ([`FaqShard::search_with_stats`]) give the scores one index
+/// holding all their entries would give, so their hits merge by score
+/// ([`merge_hits`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CorpusStats {
+    /// Documents, deleted ones included until merged away (what tantivy's BM25 counts).
+    pub max_docs: u64,
+    /// Live documents (for confidence).
     pub num_docs: u64,
-    /// (term, doc freq in question, in alt_questions, in answer).
-    pub terms: Vec<(String, u64, u64, u64)>,
+    /// Tokens per field name (text and filter fields).
+    pub total_tokens: BTreeMap<String, u64>,
+    /// Document frequency by `field \u{1} term` (the query's terms in the text fields, its
+    /// filter values in theirs).
+    pub doc_freqs: BTreeMap<String, u64>,
+}
+
+impl CorpusStats {
+    /// Adds another shard's statistics (for the same query).
+    pub fn merge(&mut self, other: &CorpusStats) {
+        self.max_docs += other.max_docs;
+        self.num_docs += other.num_docs;
+        for (k, v) in &other.total_tokens {
+            *self.total_tokens.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &other.doc_freqs {
+            *self.doc_freqs.entry(k.clone()).or_default() += v;
+        }
+    }
+
+    fn key(field: &str, term: &str) -> String {
+        format!("{field}\u{1}{term}")
+    }
+
+    fn df(&self, field: &str, term: &str) -> u64 {
+        self.doc_freqs.get(&Self::key(field, term)).copied().unwrap_or(0)
+    }
+}
+
+/// Scores with [`CorpusStats`] instead of the local index's.
+struct StatsProvider<'a> {
+    stats: &'a CorpusStats,
+    schema: tantivy::schema::Schema,
+}
+
+impl tantivy::query::Bm25StatisticsProvider for StatsProvider<'_> {
+    fn total_num_tokens(&self, field: tantivy::schema::Field) -> tantivy::Result<u64> {
+        Ok(self.stats.total_tokens.get(self.schema.get_field_name(field)).copied().unwrap_or(0))
+    }
+
+    fn total_num_docs(&self) -> tantivy::Result<u64> {
+        Ok(self.stats.max_docs)
+    }
+
+    fn doc_freq(&self, term: &Term) -> tantivy::Result<u64> {
+        let field = self.schema.get_field_name(term.field());
+        Ok(term.value().as_str().map_or(0, |t| self.stats.df(field, t)))
+    }
+}
+
+fn idf_of(n: f32, df: f32) -> f32 {
+    (1.0 + (n - df + 0.5) / (df + 0.5)).ln()
+}
+
+/// Merges several shards' hits (scored with the same [`CorpusStats`]) into the top `k`:
+/// by score, ties by id, so every node merges to the same list.
+pub fn merge_hits(lists: impl IntoIterator<Item = Vec<FaqHit>>, k: usize) -> Vec<FaqHit> {
+    let mut all: Vec<FaqHit> = lists.into_iter().flatten().collect();
+    sort_hits(&mut all);
+    all.truncate(k);
+    all
+}
+
+fn sort_hits(hits: &mut [FaqHit]) {
+    hits.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.id.cmp(&b.id)));
 }
 
 /// Shard-level figures.
@@ -328,6 +397,16 @@ impl FaqShard {
 
     /// [`search`](Self::search) without the cache.
     pub fn search_uncached(&self, query: &str, opts: &SearchOptions) -> Result<Vec<FaqHit>> {
+        self.search_inner(query, opts, None)
+    }
+
+    /// Searches this shard scoring with `stats` (merged over all shards) instead of its
+    /// own statistics; not cached. See [`CorpusStats`].
+    pub fn search_with_stats(&self, query: &str, opts: &SearchOptions, stats: &CorpusStats) -> Result<Vec<FaqHit>> {
+        self.search_inner(query, opts, Some(stats))
+    }
+
+    fn search_inner(&self, query: &str, opts: &SearchOptions, stats: Option<&CorpusStats>) -> Result<Vec<FaqHit>> {
         let qterms = self.query_terms(query);
         if qterms.is_empty() || opts.k == 0 {
             return Ok(Vec::new());
@@ -360,11 +439,26 @@ impl FaqShard {
             }
         }
         let searcher = self.reader.searcher();
-        let top = searcher.search(&BooleanQuery::new(clauses), &TopDocs::with_limit(opts.k).order_by_score())?;
+        let query = BooleanQuery::new(clauses);
+        let collector = TopDocs::with_limit(opts.k).order_by_score();
+        let top = match stats {
+            None => searcher.search(&query, &collector)?,
+            Some(stats) => {
+                let provider = StatsProvider { stats, schema: self.index.schema() };
+                searcher.search_with_statistics_provider(&query, &collector, &provider)?
+            }
+        };
         if top.is_empty() {
             return Ok(Vec::new());
         }
-        let idf = self.idf(&searcher, &qterms)?;
+        let idf = match stats {
+            None => self.idf(&searcher, &qterms)?,
+            Some(stats) => {
+                let n = stats.num_docs as f32;
+                let name = self.index.schema().get_field_name(f.question).to_string();
+                qterms.iter().map(|t| idf_of(n, stats.df(&name, t) as f32)).collect()
+            }
+        };
         let total: f32 = idf.iter().sum();
         let qset: HashSet<String> = qterms.iter().cloned().collect();
         let mut analyzer = self.analyzer.clone();
@@ -422,6 +516,8 @@ impl FaqShard {
                 confidence: cq.max(ca),
             });
         }
+        // Ties by id, so one index and several merged shards agree on the order.
+        sort_hits(&mut hits);
         Ok(hits)
     }
 
@@ -430,27 +526,44 @@ impl FaqShard {
         let n = searcher.num_docs() as f32;
         qterms
             .iter()
-            .map(|t| {
-                let df = searcher.doc_freq(&Term::from_field_text(self.fields.question, t))? as f32;
-                Ok((1.0 + (n - df + 0.5) / (df + 0.5)).ln())
-            })
+            .map(|t| Ok(idf_of(n, searcher.doc_freq(&Term::from_field_text(self.fields.question, t))? as f32)))
             .collect()
     }
 
-    /// Document frequencies of `query`'s terms on this shard.
-    pub fn term_stats(&self, query: &str) -> Result<TermStats> {
+    /// This shard's [`CorpusStats`] for `query` (and the filter values of `opts`).
+    pub fn corpus_stats(&self, query: &str, opts: &SearchOptions) -> Result<CorpusStats> {
+        use tantivy::query::Bm25StatisticsProvider;
         let searcher = self.reader.searcher();
         let f = self.fields;
-        let df = |field, t: &str| searcher.doc_freq(&Term::from_field_text(field, t));
-        let terms = self
-            .query_terms(query)
-            .into_iter()
-            .map(|t| {
-                let (q, a, ans) = (df(f.question, &t)?, df(f.alt_questions, &t)?, df(f.answer, &t)?);
-                Ok((t, q, a, ans))
-            })
-            .collect::<Result<_>>()?;
-        Ok(TermStats { num_docs: searcher.num_docs(), terms })
+        let schema = self.index.schema();
+        let mut stats = CorpusStats {
+            max_docs: Bm25StatisticsProvider::total_num_docs(&searcher)?,
+            num_docs: searcher.num_docs(),
+            ..CorpusStats::default()
+        };
+        let text_fields = [f.question, f.alt_questions, f.answer];
+        // Filter clauses are scored too, so their fields' token counts count.
+        for field in [f.question, f.alt_questions, f.answer, f.category, f.lang] {
+            let name = schema.get_field_name(field).to_string();
+            stats.total_tokens.insert(name, Bm25StatisticsProvider::total_num_tokens(&searcher, field)?);
+        }
+        let mut add = |field, t: &str| -> Result<()> {
+            let df = searcher.doc_freq(&Term::from_field_text(field, t))?;
+            stats.doc_freqs.insert(CorpusStats::key(schema.get_field_name(field), t), df);
+            Ok(())
+        };
+        for t in self.query_terms(query) {
+            for field in text_fields {
+                add(field, &t)?;
+            }
+        }
+        if let Some(c) = &opts.category {
+            add(f.category, c)?;
+        }
+        if let Some(l) = &opts.lang {
+            add(f.lang, l)?;
+        }
+        Ok(stats)
     }
 
     pub fn stats(&self) -> ShardStats {
@@ -564,16 +677,16 @@ mod tests {
     }
 
     #[test]
-    fn reopen_keeps_committed_entries_and_term_stats_count_them() {
+    fn reopen_keeps_committed_entries_and_corpus_stats_count_them() {
         let dir = tempfile::tempdir().unwrap();
         drop(demo(dir.path()));
         let shard = FaqShard::open(dir.path(), &ShardConfig::default()).unwrap();
         assert_eq!(shard.stats().num_docs, 4);
         assert_eq!(shard.get("s1").unwrap().unwrap().lang, "en");
-        let ts = shard.term_stats("退款 shipping").unwrap();
+        let ts = shard.corpus_stats("退款 shipping", &SearchOptions::default()).unwrap();
         assert_eq!(ts.num_docs, 4);
-        let refund = ts.terms.iter().find(|t| t.0 == "退款").unwrap();
-        assert_eq!((refund.1, refund.3), (1, 1));
+        assert_eq!((ts.df("question", "退款"), ts.df("answer", "退款")), (1, 1));
+        assert!(ts.total_tokens["question"] > 0);
     }
 
     #[test]
