@@ -51,6 +51,7 @@ async fn two_requests_stream_concurrently_one_is_cancelled_and_pings_arrive() {
     let mut order = Vec::new();
     let mut pings = 0;
     let mut cancel_sent = false;
+    let mut long_after_short = 0;
     let deadline = Instant::now() + Duration::from_secs(90);
     while done.len() < 3 {
         assert!(Instant::now() < deadline, "timed out; done so far: {done:?}");
@@ -63,6 +64,9 @@ async fn two_requests_stream_concurrently_one_is_cancelled_and_pings_arrive() {
                 match ev["type"].as_str() {
                     Some("delta") => {
                         text.entry(id.clone()).or_default().push_str(ev["text"].as_str().unwrap());
+                        if id == "long" && done.contains_key("short") {
+                            long_after_short += 1;
+                        }
                         order.push(id);
                     }
                     Some("done") => {
@@ -73,9 +77,9 @@ async fn two_requests_stream_concurrently_one_is_cancelled_and_pings_arrive() {
             }
             other => panic!("unexpected frame {other:?}"),
         }
-        // Once the short request is finished and the long one has streamed, cancel it,
-        // after a ping or two have had time to arrive.
-        if !cancel_sent && done.contains_key("short") && started.elapsed() > Duration::from_millis(1500) {
+        // Once the short request is finished and the long one has streamed on after it,
+        // cancel the long one (after a ping or two have had time to arrive).
+        if !cancel_sent && long_after_short >= 3 && started.elapsed() > Duration::from_millis(1500) {
             assert!(text.get("long").is_some_and(|t| !t.is_empty()), "the long request streams");
             send(&mut ws, json!({"type": "cancel", "id": "long"})).await;
             cancel_sent = true;
