@@ -51,6 +51,13 @@ struct Args {
     /// Compute threads of the started node.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Instead of the phases above: start nats-server and two nodes, and compare
+    /// streams generated on the receiving node with streams forwarded from the other,
+    /// this many of each (sequential, `--forward-tokens` tokens each).
+    #[arg(long, default_value_t = 0)]
+    forward_streams: usize,
+    #[arg(long, default_value_t = 64)]
+    forward_tokens: usize,
 }
 
 const KEY: &str = "sk-bench-0123456789";
@@ -74,11 +81,16 @@ impl Drop for Node {
 }
 
 fn start_node(args: &Args) -> Result<Node> {
+    start_node_with(args, &[], "single")
+}
+
+/// Starts a node with `extra` flags; its files go to a temp dir named after `tag`.
+fn start_node_with(args: &Args, extra: &[&str], tag: &str) -> Result<Node> {
     use std::io::BufRead;
     let home = std::env::var("HOME").unwrap_or_default();
     let cache = std::env::var("RAGNODE_CACHE").unwrap_or_else(|_| format!("{home}/.cache/ragnode"));
     let model = args.model.clone().unwrap_or_else(|| PathBuf::from(&cache).join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    let dir = std::env::temp_dir().join(format!("ragnode-serve-load-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("ragnode-serve-load-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let faq = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/faq-demo.jsonl");
     let mut child = Command::new(&args.ragnode)
@@ -94,6 +106,7 @@ fn start_node(args: &Args) -> Result<Node> {
         .arg("--audit-log")
         .arg(dir.join("audit.jsonl"))
         .args(["--max-waiting", &(args.streams + 64).to_string()])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -293,8 +306,107 @@ async fn cache_phase(addr: &str, total: usize, conc: usize) -> Result<()> {
     Ok(())
 }
 
+/// One streaming request: the node that served it and the client-side arrival times of
+/// its content chunks (first token onwards).
+async fn timed_stream(addr: &str, user: &str, max_tokens: usize) -> Result<(String, Duration, Vec<Duration>)> {
+    let mut sender = connection(addr).await?;
+    let body = json!({
+        "model": "smollm2", "stream": true, "max_tokens": max_tokens, "temperature": 0, "user": user,
+        "messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
+    });
+    let t0 = Instant::now();
+    let resp = sender.send_request(post(addr, "/v1/chat/completions", &body)).await?;
+    let node = resp.headers().get("x-ragnode-node").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let mut body = resp.into_body();
+    let mut arrivals = Vec::new();
+    let mut buf = String::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else { continue };
+        let now = t0.elapsed();
+        buf.push_str(std::str::from_utf8(&data)?);
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            if event.contains("\"content\":\"") && !event.contains("\"content\":\"\"") {
+                arrivals.push(now);
+            }
+        }
+    }
+    let ttft = arrivals.first().copied().unwrap_or_else(|| t0.elapsed());
+    Ok((node, ttft, arrivals))
+}
+
+/// Local vs forwarded streams through one receiving node of a two-node cluster.
+fn forward_overhead(args: &Args) -> Result<()> {
+    let store = std::env::temp_dir().join(format!("ragnode-serve-load-nats-{}", std::process::id()));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut nats = Command::new("nats-server")
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(&store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting nats-server (apt-get install nats-server)")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let url = format!("nats://127.0.0.1:{port}");
+    let run = || -> Result<()> {
+        let a = start_node_with(args, &["--nats", &url, "--cluster", "bench", "--node-id", "a"], "a")?;
+        let _b = start_node_with(args, &["--nats", &url, "--cluster", "bench", "--node-id", "b"], "b")?;
+        std::thread::sleep(Duration::from_millis(2500)); // both statuses heard
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async {
+            // Sessions that land on a (local to the receiver) and on b (forwarded).
+            let mut local_user = None;
+            let mut remote_user = None;
+            for i in 0..64 {
+                let u = format!("bench-user-{i}");
+                let (node, _, _) = timed_stream(&a.addr, &u, 1).await?;
+                match node.as_str() {
+                    "a" if local_user.is_none() => local_user = Some(u),
+                    "b" if remote_user.is_none() => remote_user = Some(u),
+                    _ => {}
+                }
+            }
+            let (Some(lu), Some(ru)) = (local_user, remote_user) else { bail!("no session mapped to each node") };
+            let mut stats: [(Vec<Duration>, Vec<Duration>); 2] = Default::default();
+            for _ in 0..args.forward_streams {
+                // Interleaved, so host noise hits both alike.
+                for (slot, user) in [(0, &lu), (1, &ru)] {
+                    let (_, ttft, arrivals) = timed_stream(&a.addr, user, args.forward_tokens).await?;
+                    stats[slot].0.push(ttft);
+                    stats[slot].1.extend(arrivals.windows(2).map(|w| w[1] - w[0]));
+                }
+            }
+            println!("| stream | requests | TTFT p50 ms | TTFT p99 ms | inter-token p50 ms | inter-token p99 ms |");
+            println!("|---|---|---|---|---|---|");
+            let mut rows = Vec::new();
+            for (name, (mut ttft, mut itl)) in ["local (generated on the receiving node)", "forwarded (generated on the other node)"].into_iter().zip(stats) {
+                ttft.sort();
+                itl.sort();
+                let row = (pct(&ttft, 0.5), pct(&ttft, 0.99), pct(&itl, 0.5), pct(&itl, 0.99));
+                println!("| {name} | {} | {:.1} | {:.1} | {:.2} | {:.2} |", ttft.len(), row.0, row.1, row.2, row.3);
+                rows.push(row);
+            }
+            println!(
+                "\nforwarding adds: TTFT p50 {:+.2} ms, inter-token p50 {:+.3} ms, p99 {:+.3} ms",
+                rows[1].0 - rows[0].0,
+                rows[1].2 - rows[0].2,
+                rows[1].3 - rows[0].3
+            );
+            anyhow::Ok(())
+        })
+    };
+    let res = run();
+    let _ = nats.kill();
+    let _ = nats.wait();
+    let _ = std::fs::remove_dir_all(&store);
+    res
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    if args.forward_streams > 0 {
+        return forward_overhead(&args);
+    }
     let node = match &args.url {
         Some(u) => Node { child: None, addr: u.trim_start_matches("http://").trim_end_matches('/').to_string(), _dir: None },
         None => start_node(&args)?,
