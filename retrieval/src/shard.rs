@@ -31,6 +31,9 @@ use crate::entry::{EntryError, FaqEntry};
 use crate::schema::FaqFields;
 use crate::snippet::highlight;
 
+/// Extra hits fetched beyond k to settle equal scores at the cut by id.
+const TIE_WINDOW: usize = 16;
+
 /// Length of a hit's snippet, in characters.
 const SNIPPET_CHARS: usize = 160;
 
@@ -440,8 +443,9 @@ impl FaqShard {
         }
         let searcher = self.reader.searcher();
         let query = BooleanQuery::new(clauses);
-        let collector = TopDocs::with_limit(opts.k).order_by_score();
-        let top = match stats {
+        // A few more than k, so equal scores across the cut are settled by id below.
+        let collector = TopDocs::with_limit(opts.k + TIE_WINDOW).order_by_score();
+        let mut top = match stats {
             None => searcher.search(&query, &collector)?,
             Some(stats) => {
                 let provider = StatsProvider { stats, schema: self.index.schema() };
@@ -450,6 +454,29 @@ impl FaqShard {
         };
         if top.is_empty() {
             return Ok(Vec::new());
+        }
+        if top.len() > opts.k {
+            let cut = top[opts.k - 1].0;
+            if top[opts.k].0 == cut {
+                // Ties at the cut: the smallest ids win, as in `merge_hits`, so one index
+                // and several shards pick the same entries.
+                let (mut keep, tied): (Vec<_>, Vec<_>) =
+                    top.into_iter().filter(|(sc, _)| *sc >= cut).partition(|(sc, _)| *sc > cut);
+                let mut tied = tied
+                    .into_iter()
+                    .map(|(sc, addr)| {
+                        let doc: TantivyDocument = searcher.doc(addr)?;
+                        let id = doc.get_first(f.id).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+                        Ok((id, (sc, addr)))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                tied.sort_by(|a, b| a.0.cmp(&b.0));
+                let room = opts.k - keep.len();
+                keep.extend(tied.into_iter().take(room).map(|(_, t)| t));
+                top = keep;
+            } else {
+                top.truncate(opts.k);
+            }
         }
         let idf = match stats {
             None => self.idf(&searcher, &qterms)?,

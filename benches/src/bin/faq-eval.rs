@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Parser;
 use ragnode_retrieval::shard::SearchBoosts;
-use ragnode_retrieval::{FaqEntry, FaqShard, SearchOptions, ShardConfig};
+use ragnode_retrieval::{CorpusStats, FaqEntry, FaqShard, SearchOptions, ShardConfig, merge_hits};
 use serde::Deserialize;
 
 #[derive(Parser)]
@@ -25,6 +25,15 @@ struct Cli {
     /// Field boosts QUESTION,ALT,ANSWER.
     #[arg(long, value_delimiter = ',')]
     boosts: Option<Vec<f32>>,
+    /// Also split the FAQ over this many shards (by a hash of the id) and check that a
+    /// distributed search — merged corpus statistics, per-shard search, merge by score —
+    /// returns what the single index returns.
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+}
+
+fn shard_of(id: &str, n: usize) -> usize {
+    (id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)) % n as u64) as usize
 }
 
 #[derive(Deserialize)]
@@ -60,6 +69,7 @@ fn main() -> Result<()> {
     println!("| set | entries | queries | top-1 | recall@5 | MRR@10 | p50 ms | p99 ms |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     let mut thresholds = Vec::new();
+    let mut sharded_rows = Vec::new();
     for dir in &cli.dirs {
         let faq: Vec<FaqEntry> = read_jsonl(&dir.join("faq.jsonl"))?;
         let queries: Vec<Query> = read_jsonl(&dir.join("queries.jsonl"))?;
@@ -68,6 +78,20 @@ fn main() -> Result<()> {
         let shard = FaqShard::open(&tmp, &config)?;
         shard.upsert(&faq)?;
         let opts = SearchOptions { k: 10, ..SearchOptions::default() };
+        let parts: Vec<FaqShard> = if cli.shards > 1 {
+            (0..cli.shards)
+                .map(|i| {
+                    let part: Vec<FaqEntry> = faq.iter().filter(|e| shard_of(&e.id, cli.shards) == i).cloned().collect();
+                    let s = FaqShard::open(tmp.join(format!("shard-{i}")), &config)?;
+                    s.upsert(&part)?;
+                    anyhow::Ok(s)
+                })
+                .collect::<Result<_>>()?
+        } else {
+            Vec::new()
+        };
+        let (mut same, mut same_top1, mut sharded_top1) = (0usize, 0usize, 0usize);
+        let mut sharded_lat = Vec::new();
         let (mut top1, mut r5, mut mrr) = (0usize, 0usize, 0f64);
         let mut lat = Vec::with_capacity(queries.len());
         // (confidence of the top hit, whether it is right)
@@ -83,6 +107,20 @@ fn main() -> Result<()> {
             if let Some(h) = hits.first() {
                 conf.push((h.confidence, rank == Some(0)));
             }
+            if !parts.is_empty() {
+                let t = Instant::now();
+                let mut stats = CorpusStats::default();
+                for p in &parts {
+                    stats.merge(&p.corpus_stats(&q.query, &opts)?);
+                }
+                let lists = parts.iter().map(|p| p.search_with_stats(&q.query, &opts, &stats)).collect::<Result<Vec<_>, _>>()?;
+                let merged = merge_hits(lists, opts.k);
+                sharded_lat.push(t.elapsed().as_secs_f64() * 1e3);
+                let ids = |h: &[ragnode_retrieval::FaqHit]| h.iter().map(|h| h.id.clone()).collect::<Vec<_>>();
+                same += usize::from(ids(&hits) == ids(&merged));
+                same_top1 += usize::from(hits.first().map(|h| &h.id) == merged.first().map(|h| &h.id));
+                sharded_top1 += usize::from(merged.first().is_some_and(|h| h.id == q.faq_id));
+            }
         }
         lat.sort_by(f64::total_cmp);
         let n = queries.len() as f64;
@@ -97,9 +135,33 @@ fn main() -> Result<()> {
             percentile(&lat, 0.5),
             percentile(&lat, 0.99)
         );
+        if !parts.is_empty() {
+            sharded_lat.sort_by(f64::total_cmp);
+            sharded_rows.push(format!(
+                "| {name} | {} | {} | {same}/{} | {same_top1}/{} | {:.3} | {:.2} | {:.2} |",
+                cli.shards,
+                queries.len(),
+                queries.len(),
+                queries.len(),
+                sharded_top1 as f64 / n,
+                percentile(&sharded_lat, 0.5),
+                percentile(&sharded_lat, 0.99)
+            ));
+        }
         thresholds.push((name, conf, queries.len()));
+        drop(parts);
         drop(shard);
         let _ = std::fs::remove_dir_all(&tmp);
+    }
+    if !sharded_rows.is_empty() {
+        println!();
+        println!("distributed search (in process: stats phase, per-shard search, merge) vs the single index, top 10");
+        println!();
+        println!("| set | shards | queries | same ids and order | same top-1 | top-1 | p50 ms | p99 ms |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        for r in &sharded_rows {
+            println!("{r}");
+        }
     }
     println!();
     println!("confidence threshold: share of queries answered (top hit confidence ≥ t) and precision of those answers");
