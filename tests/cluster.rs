@@ -230,3 +230,71 @@ fn requests_run_on_their_session_node_and_survive_its_death() {
     let (status, node, body) = post(&a.addr, "/v1/chat/completions", &chat(&user, 8, false));
     assert_eq!((status, node.as_str()), (200, "a"), "{body}");
 }
+
+/// One HTTP request with an admin key (Connection: close): (status, body).
+fn admin(addr: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    let b = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+        b.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+const ADMIN: &str = "sk-admin-test-123";
+
+#[test]
+fn faq_writes_go_through_the_log_and_a_restarted_node_catches_up() {
+    let nats = NatsServer::start();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let flags = |id: &'static str| {
+        vec!["--nats".to_string(), nats.url(), "--cluster".into(), "w".into(), "--node-id".into(), id.into(), "--admin-key".into(), ADMIN.into()]
+    };
+    let start = |i: usize, id: &'static str| {
+        let f = flags(id);
+        ServeProcess::start_in(dirs[i].path(), &f.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let a = start(0, "a");
+    let mut b = start(1, "b");
+    // Both were seeded from the one log.
+    for n in [&a, &b] {
+        let (status, body) = admin(&n.addr, "GET", "/v1/admin/faq/stats", None);
+        assert_eq!(status, 200);
+        assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["num_docs"], 202, "{body}");
+    }
+
+    // A write at a is acknowledged once logged, applied at a at once and at b shortly.
+    let mars = serde_json::json!({"entries": [{"id": "t1", "question": "你们支持火星配送吗？", "answer": "暂不支持火星配送。"}]});
+    let (status, body) = admin(&a.addr, "POST", "/v1/admin/faq", Some(&mars));
+    assert_eq!(status, 200, "{body}");
+    let ack: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ack["applied_here"], true);
+    assert!(ack["log_sequence"].as_u64().unwrap() >= 2);
+    let t0 = Instant::now();
+    while admin(&b.addr, "GET", "/v1/admin/faq/t1", None).0 != 200 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "b never applied the write");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // b dies; writes made meanwhile reach it when it comes back on the same index.
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    let moon = serde_json::json!({"entries": [{"id": "t2", "question": "月球配送多少钱？", "answer": "月球配送每件999元。"}]});
+    assert_eq!(admin(&a.addr, "POST", "/v1/admin/faq", Some(&moon)).0, 200);
+    assert_eq!(admin(&a.addr, "DELETE", "/v1/admin/faq/t1", None).0, 200);
+    let b = start(1, "b");
+    let (status, body) = admin(&b.addr, "GET", "/v1/admin/faq/t2", None);
+    assert_eq!(status, 200, "the restarted node caught up before serving: {body}");
+    assert_eq!(admin(&b.addr, "GET", "/v1/admin/faq/t1", None).0, 404, "and applied the delete");
+    let (_, body) = admin(&b.addr, "GET", "/v1/admin/faq/stats", None);
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["num_docs"], 203);
+    let (_, body) = admin(&b.addr, "POST", "/v1/admin/faq/search", Some(&serde_json::json!({"query": "月球配送", "k": 1})));
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["hits"][0]["id"], "t2");
+}

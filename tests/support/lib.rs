@@ -102,22 +102,30 @@ pub struct ServeProcess {
     pub child: std::process::Child,
     /// `127.0.0.1:PORT`.
     pub addr: String,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl ServeProcess {
     /// Starts the node with the SmolLM2 GGUF and the demo FAQ (seeded into a fresh index)
     /// plus `extra` flags, and waits until it is ready.
     pub fn start(extra: &[&str]) -> ServeProcess {
-        use std::io::BufRead;
         let dir = tempfile::tempdir().expect("tempdir");
+        let mut p = Self::start_in(dir.path(), extra);
+        p._dir = Some(dir);
+        p
+    }
+
+    /// As [`start`](Self::start), with the FAQ index in `dir/index` (kept, so a node can be
+    /// restarted on it).
+    pub fn start_in(dir: &std::path::Path, extra: &[&str]) -> ServeProcess {
+        use std::io::BufRead;
         let faq = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/faq-demo.jsonl");
         let mut child = std::process::Command::new(ragnode_bin())
             .args(["serve", "--listen", "127.0.0.1:0", "--threads", "2", "--audit-log", "off"])
             .arg("--model")
             .arg(smollm2_gguf())
             .arg("--faq-index")
-            .arg(dir.path().join("index"))
+            .arg(dir.join("index"))
             .arg("--faq-seed")
             .arg(faq)
             .args(extra)
@@ -140,7 +148,7 @@ impl ServeProcess {
         let addr = addr.expect("ragnode exited before it was ready");
         // Keep draining stderr so the node never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        ServeProcess { child, addr, _dir: dir }
+        ServeProcess { child, addr, _dir: None }
     }
 }
 

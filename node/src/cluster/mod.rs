@@ -12,6 +12,8 @@
 //! |---|---|---|
 //! | `ragnode.<cluster>.status.<node>` | `NodeStatus` JSON, every second | each node publishes; all subscribe to `status.*` |
 
+pub mod faqlog;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -72,6 +74,9 @@ pub struct NodeStatus {
     /// Tokens generated per second over the last interval.
     pub recent_tokens_per_s: f64,
     pub faq_documents: u64,
+    /// Last FAQ-log sequence applied to the local index.
+    #[serde(default)]
+    pub faq_log_applied: u64,
     pub uptime_s: u64,
     pub version: String,
     /// Unix time of the status, milliseconds.

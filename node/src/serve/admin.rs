@@ -13,7 +13,10 @@ use ragnode_retrieval::{FaqEntry, SearchOptions};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use std::time::Duration;
+
 use super::error::ApiError;
+use crate::cluster::faqlog::FaqOp;
 use super::extract::ApiJson;
 use super::state::SharedState;
 
@@ -54,8 +57,17 @@ pub async fn upsert(State(state): State<SharedState>, ApiJson(req): ApiJson<Upse
     for (i, e) in req.entries.iter().enumerate() {
         e.validate().map_err(|err| ApiError::invalid_param("entries", format!("entries[{i}] ({:?}): {err}", e.id)))?;
     }
-    let shard = state.shard()?.clone();
     let n = req.entries.len();
+    if let Some(log) = state.faq_log.get() {
+        // Cluster: acknowledged once the log stored it; every node applies it.
+        let seq = log
+            .append(FaqOp::Upsert { entries: req.entries })
+            .await
+            .map_err(|e| ApiError::not_ready(format!("the FAQ log is unavailable: {e:#}")))?;
+        let applied = log.wait_applied(seq, Duration::from_secs(5)).await;
+        return Ok(Json(json!({ "upserted": n, "log_sequence": seq, "applied_here": applied })));
+    }
+    let shard = state.shard()?.clone();
     let opstamp = blocking(move || {
         shard.upsert(&req.entries).map_err(|e| ApiError::internal(format!("indexing failed: {e}")))
     })
@@ -65,6 +77,17 @@ pub async fn upsert(State(state): State<SharedState>, ApiJson(req): ApiJson<Upse
 }
 
 pub async fn delete(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    if let Some(log) = state.faq_log.get() {
+        if state.shard()?.get(&id).map_err(|e| ApiError::internal(e.to_string()))?.is_none() {
+            return Err(ApiError::not_found("faq_not_found", format!("no FAQ entry {id:?}")));
+        }
+        let seq = log
+            .append(FaqOp::Delete { ids: vec![id.clone()] })
+            .await
+            .map_err(|e| ApiError::not_ready(format!("the FAQ log is unavailable: {e:#}")))?;
+        let applied = log.wait_applied(seq, Duration::from_secs(5)).await;
+        return Ok(Json(json!({ "deleted": id, "log_sequence": seq, "applied_here": applied })));
+    }
     let shard = state.shard()?.clone();
     let id2 = id.clone();
     let found = blocking(move || shard.delete(&id2).map_err(|e| ApiError::internal(format!("delete failed: {e}")))).await?;

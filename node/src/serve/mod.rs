@@ -95,6 +95,7 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
         http_addr: OnceLock::new(),
         membership: OnceLock::new(),
         router: OnceLock::new(),
+        faq_log: OnceLock::new(),
         cfg,
     });
     let listener = tokio::net::TcpListener::bind(state.cfg.listen)
@@ -135,7 +136,8 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
         // A signal while loading.
         res = &mut server => return res.context("server task")?.context("serving HTTP"),
         loaded = loader => {
-            loaded.context("loader task")??;
+            let shard = loaded.context("loader task")??;
+            join_faq_log(&state, shard).await?;
             eprintln!("ragnode ready: model {} on http://{addr}", state.model_id);
         }
     }
@@ -179,6 +181,7 @@ fn local_status(state: &AppState, recent: &std::sync::Mutex<(u64, Instant)>) -> 
     if let Some(shard) = state.shard.get() {
         s.faq_documents = shard.stats().num_docs;
     }
+    s.faq_log_applied = state.faq_log.get().map_or(0, |l| l.applied());
     s
 }
 
@@ -203,11 +206,15 @@ async fn cluster_view(State(state): State<SharedState>) -> axum::Json<serde_json
 }
 
 /// Loads the model, starts the engine, opens (and seeds) the FAQ shard.
-fn load(state: &AppState, model_spec: &str) -> Result<()> {
+/// The shard is returned, not yet published in the state: in a cluster it serves only
+/// once it has caught up with the FAQ log.
+fn load(state: &AppState, model_spec: &str) -> Result<Arc<FaqShard>> {
     let cfg = &state.cfg;
     let shard = FaqShard::open(&cfg.faq_index, &ShardConfig::default())
         .with_context(|| format!("opening the FAQ index {}", cfg.faq_index.display()))?;
+    // In a cluster the seed goes through the FAQ log instead (see `join_faq_log`).
     if let Some(seed) = &cfg.faq_seed
+        && cfg.cluster.nats.is_none()
         && shard.stats().num_docs == 0
     {
         let format = Format::from_path(seed)
@@ -226,7 +233,7 @@ fn load(state: &AppState, model_spec: &str) -> Result<()> {
         }
         tracing::info!(rows = report.committed, rejected = report.rejected.len(), file = %seed.display(), "FAQ seeded");
     }
-    let _ = state.shard.set(Arc::new(shard));
+    let shard = Arc::new(shard);
 
     let t = Instant::now();
     let loaded = load_model(model_spec, &LoadOptions::default()).with_context(|| format!("loading model `{model_spec}`"))?;
@@ -242,7 +249,58 @@ fn load(state: &AppState, model_spec: &str) -> Result<()> {
     let engine = Engine::start(loaded.model, loaded.tokenizer, engine_cfg).context("starting the engine")?;
     tracing::info!(load_ms = t.elapsed().as_millis() as u64, context = engine.context_limit(), "model loaded");
     let _ = state.engine.set(engine);
+    Ok(shard)
+}
+
+/// Cluster mode: seeds an empty FAQ log, starts applying the log to the local shard and
+/// waits until it has caught up (then the shard serves).
+async fn join_faq_log(state: &SharedState, shard: Arc<FaqShard>) -> Result<()> {
+    let Some(m) = state.membership.get() else {
+        let _ = state.shard.set(shard);
+        return Ok(());
+    };
+    let log = Arc::new(crate::cluster::faqlog::FaqLog::open(m.client.clone(), &m.cluster).await?);
+    if let Some(seed) = &state.cfg.faq_seed
+        && log.len().await? == 0
+    {
+        let entries = read_seed(seed)?;
+        let n = entries.len();
+        log.append(crate::cluster::faqlog::FaqOp::Upsert { entries }).await?;
+        tracing::info!(rows = n, file = %seed.display(), "FAQ log seeded");
+    }
+    let target = log.len().await?;
+    let weak = Arc::downgrade(state);
+    log.spawn_applier(shard.clone(), move || {
+        if let Some(st) = weak.upgrade() {
+            for app in st.apps.values() {
+                app.clear_cache();
+            }
+        }
+    })
+    .await?;
+    if !log.wait_applied(target, std::time::Duration::from_secs(120)).await {
+        anyhow::bail!("the FAQ log did not catch up within 120 s (applied {} of {target})", log.applied());
+    }
+    tracing::info!(applied = log.applied(), "FAQ log caught up");
+    let _ = state.faq_log.set(log);
+    let _ = state.shard.set(shard);
     Ok(())
+}
+
+/// A JSONL seed file as entries (cluster mode logs them), every row validated.
+fn read_seed(path: &Path) -> Result<Vec<ragnode_retrieval::FaqEntry>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let e: ragnode_retrieval::FaqEntry = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not a JSON FAQ entry (cluster seeds are JSONL)", path.display(), i + 1))?;
+        e.validate().with_context(|| format!("{}:{}", path.display(), i + 1))?;
+        out.push(e);
+    }
+    Ok(out)
 }
 
 fn default_model_id(spec: &str) -> String {

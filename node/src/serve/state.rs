@@ -45,6 +45,8 @@ pub struct AppState {
     pub membership: OnceLock<Arc<crate::cluster::Membership>>,
     /// Set with the membership: places generations on the cluster's nodes.
     pub router: OnceLock<Arc<Router>>,
+    /// Cluster mode: the FAQ write log this node applies (FAQ writes go through it).
+    pub faq_log: OnceLock<Arc<crate::cluster::faqlog::FaqLog>>,
 }
 
 /// Generation settings from a request, before they meet the prompt.
