@@ -238,6 +238,9 @@ pub struct FaqShard {
     fields: FaqFields,
     analyzer: TextAnalyzer,
     cache: HotAnswerCache<Vec<FaqHit>>,
+    /// Bumped by every commit: a search that started before a commit does not cache its
+    /// (older) hits after it.
+    epoch: std::sync::atomic::AtomicU64,
     boosts: SearchBoosts,
 }
 
@@ -264,6 +267,7 @@ impl FaqShard {
             fields,
             analyzer: faq_analyzer(),
             cache: HotAnswerCache::new(config.cache_capacity, config.cache_ttl),
+            epoch: Default::default(),
             boosts: config.boosts,
         })
     }
@@ -322,6 +326,7 @@ impl FaqShard {
     pub fn commit(&self) -> Result<u64> {
         let opstamp = self.with_writer(|w| w.commit())?;
         self.reader.reload()?;
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.cache.clear();
         Ok(opstamp)
     }
@@ -393,8 +398,11 @@ impl FaqShard {
         if let Some(hit) = self.cache.get(&key) {
             return Ok(hit);
         }
+        let epoch = self.epoch.load(std::sync::atomic::Ordering::SeqCst);
         let hits = Arc::new(self.search_uncached(query, opts)?);
-        self.cache.put(key, hits.clone());
+        if self.epoch.load(std::sync::atomic::Ordering::SeqCst) == epoch {
+            self.cache.put(key, hits.clone());
+        }
         Ok(hits)
     }
 
