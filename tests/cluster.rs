@@ -90,7 +90,12 @@ fn nodes_see_each_other_and_a_killed_node_leaves_within_5s() {
     // Fresh statuses from the other node prove the path through the new server.
     wait_view(&a, Duration::from_secs(5), "a hears b after the NATS restart", |v| {
         let seen = restarted.elapsed().as_millis() as u64;
-        fresh(v) && v["nodes"].as_array().unwrap().iter().any(|n| n["id"] == "b" && n["last_seen_ms"].as_u64().unwrap() < seen)
+        fresh(v)
+            && v["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["id"] == "b" && n["last_seen_ms"].as_u64().unwrap() < seen)
     });
     wait_view(&b, Duration::from_secs(5), "b hears a after the NATS restart", fresh);
     eprintln!("statuses flow again {:?} after the NATS restart", restarted.elapsed());
@@ -171,7 +176,16 @@ fn metric(node: &ServeProcess, name: &str) -> f64 {
 fn requests_run_on_their_session_node_and_survive_its_death() {
     let nats = NatsServer::start();
     let serve = |id: &str| {
-        ServeProcess::start(&["--nats", &nats.url(), "--cluster", "r", "--node-id", id, "--served-model-name", "smollm2"])
+        ServeProcess::start(&[
+            "--nats",
+            &nats.url(),
+            "--cluster",
+            "r",
+            "--node-id",
+            id,
+            "--served-model-name",
+            "smollm2",
+        ])
     };
     let a = serve("a");
     let mut b = serve("b");
@@ -255,7 +269,16 @@ fn faq_writes_go_through_the_log_and_a_restarted_node_catches_up() {
     let nats = NatsServer::start();
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let flags = |id: &'static str| {
-        vec!["--nats".to_string(), nats.url(), "--cluster".into(), "w".into(), "--node-id".into(), id.into(), "--admin-key".into(), ADMIN.into()]
+        vec![
+            "--nats".to_string(),
+            nats.url(),
+            "--cluster".into(),
+            "w".into(),
+            "--node-id".into(),
+            id.into(),
+            "--admin-key".into(),
+            ADMIN.into(),
+        ]
     };
     let start = |i: usize, id: &'static str| {
         let f = flags(id);
@@ -286,7 +309,8 @@ fn faq_writes_go_through_the_log_and_a_restarted_node_catches_up() {
     // b dies; writes made meanwhile reach it when it comes back on the same index.
     b.child.kill().unwrap();
     b.child.wait().unwrap();
-    let moon = serde_json::json!({"entries": [{"id": "t2", "question": "月球配送多少钱？", "answer": "月球配送每件999元。"}]});
+    let moon =
+        serde_json::json!({"entries": [{"id": "t2", "question": "月球配送多少钱？", "answer": "月球配送每件999元。"}]});
     assert_eq!(admin(&a.addr, "POST", "/v1/admin/faq", Some(&moon)).0, 200);
     assert_eq!(admin(&a.addr, "DELETE", "/v1/admin/faq/t1", None).0, 200);
     let b = start(1, "b");
@@ -295,6 +319,7 @@ fn faq_writes_go_through_the_log_and_a_restarted_node_catches_up() {
     assert_eq!(admin(&b.addr, "GET", "/v1/admin/faq/t1", None).0, 404, "and applied the delete");
     let (_, body) = admin(&b.addr, "GET", "/v1/admin/faq/stats", None);
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["num_docs"], 203);
-    let (_, body) = admin(&b.addr, "POST", "/v1/admin/faq/search", Some(&serde_json::json!({"query": "月球配送", "k": 1})));
+    let (_, body) =
+        admin(&b.addr, "POST", "/v1/admin/faq/search", Some(&serde_json::json!({"query": "月球配送", "k": 1})));
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["hits"][0]["id"], "t2");
 }

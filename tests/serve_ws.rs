@@ -114,8 +114,11 @@ async fn two_requests_stream_concurrently_one_is_cancelled_and_pings_arrive() {
         match ev["type"].as_str() {
             Some("delta") if !reused => {
                 send(&mut ws, json!({"type": "cancel", "id": "again"})).await;
-                send(&mut ws, json!({"type": "chat", "id": "again", "model": "smollm2", "max_tokens": 8,
-                                     "messages": [{"role": "user", "content": "Say hi."}]}))
+                send(
+                    &mut ws,
+                    json!({"type": "chat", "id": "again", "model": "smollm2", "max_tokens": 8,
+                                     "messages": [{"role": "user", "content": "Say hi."}]}),
+                )
                 .await;
                 reused = true;
             }

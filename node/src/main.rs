@@ -129,9 +129,10 @@ fn main() {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-            if serve_cfg.is_some() { "info,tantivy=warn".into() } else { "warn".into() }
-        }))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| if serve_cfg.is_some() { "info,tantivy=warn".into() } else { "warn".into() }),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -227,7 +228,10 @@ fn cluster_command(args: ClusterArgs) -> Result<()> {
         return Ok(());
     }
     println!("cluster {name}: {} live node(s)", members.len());
-    println!("{:<20} {:<22} {:<6} {:>7} {:>7} {:>6} {:>8} {:>8}", "NODE", "HTTP", "READY", "RUNNING", "WAITING", "KV%", "TOK/S", "FAQ");
+    println!(
+        "{:<20} {:<22} {:<6} {:>7} {:>7} {:>6} {:>8} {:>8}",
+        "NODE", "HTTP", "READY", "RUNNING", "WAITING", "KV%", "TOK/S", "FAQ"
+    );
     for m in members {
         let s = m.status;
         println!(

@@ -11,4 +11,6 @@ pub mod shard;
 pub mod snippet;
 
 pub use entry::{EntryError, FaqEntry};
-pub use shard::{CONFIDENT, CorpusStats, FaqHit, FaqShard, MatchedField, SearchOptions, ShardConfig, ShardError, merge_hits};
+pub use shard::{
+    CONFIDENT, CorpusStats, FaqHit, FaqShard, MatchedField, SearchOptions, ShardConfig, ShardError, merge_hits,
+};

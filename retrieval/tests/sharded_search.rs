@@ -51,17 +51,24 @@ fn three_shards_with_merged_stats_rank_like_one_index() {
             for s in &shards {
                 stats.merge(&s.corpus_stats(q, &opts).unwrap());
             }
-            let merged =
-                merge_hits(shards.iter().map(|s| s.search_with_stats(q, &opts, &stats).unwrap()), opts.k);
+            let merged = merge_hits(shards.iter().map(|s| s.search_with_stats(q, &opts, &stats).unwrap()), opts.k);
             // Equal scores at the k-th place may be cut differently: compare above it.
             let cut = |hits: &[ragnode_retrieval::FaqHit]| {
                 let last = hits.last().map(|h| h.score);
-                hits.iter().filter(|h| Some(h.score) != last || hits.len() < opts.k).map(|h| h.id.clone()).collect::<Vec<_>>()
+                hits.iter()
+                    .filter(|h| Some(h.score) != last || hits.len() < opts.k)
+                    .map(|h| h.id.clone())
+                    .collect::<Vec<_>>()
             };
             assert_eq!(cut(&one), cut(&merged), "query {q:?} ({opts:?})");
             assert_eq!(one.len(), merged.len(), "query {q:?}");
             for (a, b) in one.iter().zip(&merged) {
-                assert!((a.score - b.score).abs() <= 1e-4 * a.score.abs().max(1.0), "{q:?}: {} vs {}", a.score, b.score);
+                assert!(
+                    (a.score - b.score).abs() <= 1e-4 * a.score.abs().max(1.0),
+                    "{q:?}: {} vs {}",
+                    a.score,
+                    b.score
+                );
                 if a.id == b.id {
                     assert!((a.confidence - b.confidence).abs() < 1e-5, "{q:?}: confidence");
                     assert_eq!(a.snippet, b.snippet);

@@ -33,7 +33,8 @@ struct Cli {
 }
 
 fn shard_of(id: &str, n: usize) -> usize {
-    (id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)) % n as u64) as usize
+    (id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)) % n as u64)
+        as usize
 }
 
 #[derive(Deserialize)]
@@ -81,7 +82,8 @@ fn main() -> Result<()> {
         let parts: Vec<FaqShard> = if cli.shards > 1 {
             (0..cli.shards)
                 .map(|i| {
-                    let part: Vec<FaqEntry> = faq.iter().filter(|e| shard_of(&e.id, cli.shards) == i).cloned().collect();
+                    let part: Vec<FaqEntry> =
+                        faq.iter().filter(|e| shard_of(&e.id, cli.shards) == i).cloned().collect();
                     let s = FaqShard::open(tmp.join(format!("shard-{i}")), &config)?;
                     s.upsert(&part)?;
                     anyhow::Ok(s)
@@ -113,7 +115,10 @@ fn main() -> Result<()> {
                 for p in &parts {
                     stats.merge(&p.corpus_stats(&q.query, &opts)?);
                 }
-                let lists = parts.iter().map(|p| p.search_with_stats(&q.query, &opts, &stats)).collect::<Result<Vec<_>, _>>()?;
+                let lists = parts
+                    .iter()
+                    .map(|p| p.search_with_stats(&q.query, &opts, &stats))
+                    .collect::<Result<Vec<_>, _>>()?;
                 let merged = merge_hits(lists, opts.k);
                 sharded_lat.push(t.elapsed().as_secs_f64() * 1e3);
                 let ids = |h: &[ragnode_retrieval::FaqHit]| h.iter().map(|h| h.id.clone()).collect::<Vec<_>>();

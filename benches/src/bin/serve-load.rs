@@ -89,7 +89,8 @@ fn start_node_with(args: &Args, extra: &[&str], tag: &str) -> Result<Node> {
     use std::io::BufRead;
     let home = std::env::var("HOME").unwrap_or_default();
     let cache = std::env::var("RAGNODE_CACHE").unwrap_or_else(|_| format!("{home}/.cache/ragnode"));
-    let model = args.model.clone().unwrap_or_else(|| PathBuf::from(&cache).join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    let model =
+        args.model.clone().unwrap_or_else(|| PathBuf::from(&cache).join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
     let dir = std::env::temp_dir().join(format!("ragnode-serve-load-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let faq = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/faq-demo.jsonl");
@@ -223,7 +224,9 @@ async fn streams_phase(addr: &str, n: usize, max_tokens: usize) -> Result<()> {
     let wall = t0.elapsed().as_secs_f64();
     ttfts.sort();
     totals.sort();
-    println!("| concurrent streams | ok | errors | TTFT p50 ms | TTFT p99 ms | e2e p50 ms | e2e p99 ms | wall s | generated tok/s |");
+    println!(
+        "| concurrent streams | ok | errors | TTFT p50 ms | TTFT p99 ms | e2e p50 ms | e2e p99 ms | wall s | generated tok/s |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|");
     println!(
         "| {n} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {wall:.1} | {:.0} |",
@@ -255,7 +258,10 @@ async fn cache_phase(addr: &str, total: usize, conc: usize) -> Result<()> {
         resp.into_body().collect().await?;
     }
     let bodies: Arc<Vec<Value>> = Arc::new(
-        CACHED_QUESTIONS.iter().map(|q| json!({"model": "app:faq", "messages": [{"role": "user", "content": q}]})).collect(),
+        CACHED_QUESTIONS
+            .iter()
+            .map(|q| json!({"model": "app:faq", "messages": [{"role": "user", "content": q}]}))
+            .collect(),
     );
     let t0 = Instant::now();
     let per = total / conc;
@@ -379,7 +385,11 @@ fn forward_overhead(args: &Args) -> Result<()> {
             println!("| stream | requests | TTFT p50 ms | TTFT p99 ms | inter-token p50 ms | inter-token p99 ms |");
             println!("|---|---|---|---|---|---|");
             let mut rows = Vec::new();
-            for (name, (mut ttft, mut itl)) in ["local (generated on the receiving node)", "forwarded (generated on the other node)"].into_iter().zip(stats) {
+            for (name, (mut ttft, mut itl)) in
+                ["local (generated on the receiving node)", "forwarded (generated on the other node)"]
+                    .into_iter()
+                    .zip(stats)
+            {
                 ttft.sort();
                 itl.sort();
                 let row = (pct(&ttft, 0.5), pct(&ttft, 0.99), pct(&itl, 0.5), pct(&itl, 0.99));
@@ -408,7 +418,9 @@ fn main() -> Result<()> {
         return forward_overhead(&args);
     }
     let node = match &args.url {
-        Some(u) => Node { child: None, addr: u.trim_start_matches("http://").trim_end_matches('/').to_string(), _dir: None },
+        Some(u) => {
+            Node { child: None, addr: u.trim_start_matches("http://").trim_end_matches('/').to_string(), _dir: None }
+        }
         None => start_node(&args)?,
     };
     // The client gets one thread: the node needs the machine's cores more than we do.

@@ -71,7 +71,9 @@ impl FaqLog {
             FaqOp::Upsert { entries } => {
                 entries.chunks(ENTRIES_PER_MESSAGE).map(|c| FaqOp::Upsert { entries: c.to_vec() }).collect()
             }
-            FaqOp::Delete { ids } => ids.chunks(ENTRIES_PER_MESSAGE).map(|c| FaqOp::Delete { ids: c.to_vec() }).collect(),
+            FaqOp::Delete { ids } => {
+                ids.chunks(ENTRIES_PER_MESSAGE).map(|c| FaqOp::Delete { ids: c.to_vec() }).collect()
+            }
         };
         let mut last = 0;
         for part in parts {
@@ -128,7 +130,12 @@ impl FaqLog {
         Ok(())
     }
 
-    async fn apply(&self, shard: &Arc<FaqShard>, seq_file: &PathBuf, on_commit: &(impl Fn() + Send + Sync)) -> Result<()> {
+    async fn apply(
+        &self,
+        shard: &Arc<FaqShard>,
+        seq_file: &PathBuf,
+        on_commit: &(impl Fn() + Send + Sync),
+    ) -> Result<()> {
         let from = self.applied.load(Ordering::Acquire) + 1;
         let stream = self.js.get_stream(&self.stream).await.map_err(|e| anyhow::anyhow!("{e}"))?;
         let consumer = stream
@@ -171,8 +178,7 @@ impl FaqLog {
                 tokio::task::spawn_blocking(move || shard2.commit()).await??;
                 // After the commit: a crash in between only replays idempotent writes.
                 // (Up to `seq`, everything is in this commit.)
-                std::fs::write(seq_file, seq.to_string())
-                    .with_context(|| format!("writing {}", seq_file.display()))?;
+                std::fs::write(seq_file, seq.to_string()).with_context(|| format!("writing {}", seq_file.display()))?;
                 self.applied.store(seq, Ordering::Release);
                 staged = 0;
                 on_commit();

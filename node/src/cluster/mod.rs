@@ -179,13 +179,7 @@ impl Membership {
                 }
             });
         }
-        let m = Arc::new(Self {
-            node_id: node_id.to_string(),
-            cluster: cluster.to_string(),
-            subjects,
-            view,
-            client,
-        });
+        let m = Arc::new(Self { node_id: node_id.to_string(), cluster: cluster.to_string(), subjects, view, client });
         {
             let m = m.clone();
             tokio::spawn(async move {
@@ -194,7 +188,8 @@ impl Membership {
                 loop {
                     tick.tick().await;
                     let mut s = status();
-                    s.sent_at_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+                    s.sent_at_ms =
+                        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
                     // Our own view does not wait for the round trip.
                     m.view.observe(s.clone());
                     let Ok(payload) = serde_json::to_vec(&s) else { continue };
@@ -243,9 +238,11 @@ mod tests {
         let t0 = Instant::now();
         view.observe_at(status("b"), t0);
         view.observe_at(status("a"), t0 + Duration::from_secs(2));
-        let live: Vec<String> = view.live_at(t0 + Duration::from_millis(2500)).into_iter().map(|m| m.status.id).collect();
+        let live: Vec<String> =
+            view.live_at(t0 + Duration::from_millis(2500)).into_iter().map(|m| m.status.id).collect();
         assert_eq!(live, ["a", "b"]);
-        let live: Vec<String> = view.live_at(t0 + Duration::from_millis(3500)).into_iter().map(|m| m.status.id).collect();
+        let live: Vec<String> =
+            view.live_at(t0 + Duration::from_millis(3500)).into_iter().map(|m| m.status.id).collect();
         assert_eq!(live, ["a"], "b was silent for 3.5 s");
         view.observe_at(status("b"), t0 + Duration::from_secs(4));
         assert_eq!(view.live_at(t0 + Duration::from_millis(4100)).len(), 2, "a node that speaks again is back");

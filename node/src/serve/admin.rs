@@ -16,9 +16,9 @@ use serde_json::{Value, json};
 use std::time::Duration;
 
 use super::error::ApiError;
-use crate::cluster::faqlog::FaqOp;
 use super::extract::ApiJson;
 use super::state::SharedState;
+use crate::cluster::faqlog::FaqOp;
 
 /// Most entries in one upsert.
 const MAX_BATCH: usize = 10_000;
@@ -50,7 +50,10 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + S
     tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(format!("index task failed: {e}")))?
 }
 
-pub async fn upsert(State(state): State<SharedState>, ApiJson(req): ApiJson<UpsertRequest>) -> Result<Json<Value>, ApiError> {
+pub async fn upsert(
+    State(state): State<SharedState>,
+    ApiJson(req): ApiJson<UpsertRequest>,
+) -> Result<Json<Value>, ApiError> {
     if req.entries.is_empty() || req.entries.len() > MAX_BATCH {
         return Err(ApiError::invalid_param("entries", format!("send 1 to {MAX_BATCH} entries")));
     }
@@ -68,10 +71,9 @@ pub async fn upsert(State(state): State<SharedState>, ApiJson(req): ApiJson<Upse
         return Ok(Json(json!({ "upserted": n, "log_sequence": seq, "applied_here": applied })));
     }
     let shard = state.shard()?.clone();
-    let opstamp = blocking(move || {
-        shard.upsert(&req.entries).map_err(|e| ApiError::internal(format!("indexing failed: {e}")))
-    })
-    .await?;
+    let opstamp =
+        blocking(move || shard.upsert(&req.entries).map_err(|e| ApiError::internal(format!("indexing failed: {e}"))))
+            .await?;
     clear_app_caches(&state);
     Ok(Json(json!({ "upserted": n, "opstamp": opstamp })))
 }
@@ -90,7 +92,8 @@ pub async fn delete(State(state): State<SharedState>, Path(id): Path<String>) ->
     }
     let shard = state.shard()?.clone();
     let id2 = id.clone();
-    let found = blocking(move || shard.delete(&id2).map_err(|e| ApiError::internal(format!("delete failed: {e}")))).await?;
+    let found =
+        blocking(move || shard.delete(&id2).map_err(|e| ApiError::internal(format!("delete failed: {e}")))).await?;
     if !found {
         return Err(ApiError::not_found("faq_not_found", format!("no FAQ entry {id:?}")));
     }
@@ -106,9 +109,15 @@ pub async fn get(State(state): State<SharedState>, Path(id): Path<String>) -> Re
     }
 }
 
-pub async fn search(State(state): State<SharedState>, ApiJson(req): ApiJson<SearchRequest>) -> Result<Json<Value>, ApiError> {
+pub async fn search(
+    State(state): State<SharedState>,
+    ApiJson(req): ApiJson<SearchRequest>,
+) -> Result<Json<Value>, ApiError> {
     if req.query.len() > super::rag::MAX_QUESTION_BYTES {
-        return Err(ApiError::invalid_param("query", format!("the query is over {} bytes", super::rag::MAX_QUESTION_BYTES)));
+        return Err(ApiError::invalid_param(
+            "query",
+            format!("the query is over {} bytes", super::rag::MAX_QUESTION_BYTES),
+        ));
     }
     let k = req.k.unwrap_or(5);
     if k == 0 || k > 100 {

@@ -236,11 +236,7 @@ pub async fn sanitize_request_id(mut req: Request, next: Next) -> Response {
 /// Middleware: audit cell in, request counter and audited body out.
 pub async fn audit(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
     let route = route_label(req.uri().path());
-    let ip = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ci| ci.0.ip().to_string())
-        .unwrap_or_default();
+    let ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|ci| ci.0.ip().to_string()).unwrap_or_default();
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
     let cell = Arc::new(AuditCell {
         started: Instant::now(),

@@ -85,12 +85,16 @@ pub async fn chat_messages(
     ApiJson(req): ApiJson<ChatMessageRequest>,
 ) -> Result<Response, ApiError> {
     let audit = audit.map(|a| a.0);
-    let Query(q) = q.map_err(|e| ApiError::bad_request("invalid_request", format!("query string: {}", e.body_text())))?;
+    let Query(q) =
+        q.map_err(|e| ApiError::bad_request("invalid_request", format!("query string: {}", e.body_text())))?;
     let streaming = match req.response_mode.as_str() {
         "streaming" => true,
         "blocking" => false,
         other => {
-            return Err(ApiError::invalid_param("response_mode", format!("response_mode must be streaming or blocking, got {other:?}")));
+            return Err(ApiError::invalid_param(
+                "response_mode",
+                format!("response_mode must be streaming or blocking, got {other:?}"),
+            ));
         }
     };
     let app_name = caller
@@ -115,10 +119,8 @@ pub async fn chat_messages(
     let answer = state.start_rag(&app, &req.query, &history, RagOverrides::default(), audit, affinity).await?;
     let message_id = new_uuid();
     let task_id = new_uuid();
-    let created_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let created_at =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let ctx = Ctx {
         state: state.clone(),
         app: app_name,

@@ -61,11 +61,17 @@ impl ApiError {
     }
 
     pub fn overloaded(message: impl Into<String>) -> Self {
-        Self { retry_after: Some(1), ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "overloaded", message) }
+        Self {
+            retry_after: Some(1),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "overloaded", message)
+        }
     }
 
     pub fn not_ready(message: impl Into<String>) -> Self {
-        Self { retry_after: Some(5), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "not_ready", message) }
+        Self {
+            retry_after: Some(5),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "not_ready", message)
+        }
     }
 
     pub fn internal(message: impl Into<String>) -> Self {

@@ -26,10 +26,16 @@ impl<T: DeserializeOwned> FromRequest<SharedState> for ApiJson<T> {
     async fn from_request(req: Request, state: &SharedState) -> Result<Self, Self::Rejection> {
         if let Some(ct) = req.headers().get(axum::http::header::CONTENT_TYPE) {
             let ct = ct.to_str().unwrap_or_default().to_ascii_lowercase();
-            if ["application/x-www-form-urlencoded", "multipart/form-data", "text/plain"].iter().any(|t| ct.starts_with(t)) {
+            if ["application/x-www-form-urlencoded", "multipart/form-data", "text/plain"]
+                .iter()
+                .any(|t| ct.starts_with(t))
+            {
                 return Err(ApiError {
                     status: axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    ..ApiError::bad_request("unsupported_media_type", "send the body as JSON (Content-Type: application/json)")
+                    ..ApiError::bad_request(
+                        "unsupported_media_type",
+                        "send the body as JSON (Content-Type: application/json)",
+                    )
                 });
             }
         }

@@ -236,7 +236,8 @@ fn load(state: &AppState, model_spec: &str) -> Result<Arc<FaqShard>> {
     let shard = Arc::new(shard);
 
     let t = Instant::now();
-    let loaded = load_model(model_spec, &LoadOptions::default()).with_context(|| format!("loading model `{model_spec}`"))?;
+    let loaded =
+        load_model(model_spec, &LoadOptions::default()).with_context(|| format!("loading model `{model_spec}`"))?;
     let e = &cfg.engine;
     let engine_cfg = EngineConfig {
         max_num_seqs: e.max_num_seqs,
@@ -421,7 +422,10 @@ async fn not_found(uri: axum::http::Uri) -> ApiError {
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError { status: StatusCode::METHOD_NOT_ALLOWED, ..ApiError::bad_request("method_not_allowed", "method not allowed") }
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        ..ApiError::bad_request("method_not_allowed", "method not allowed")
+    }
 }
 
 async fn index() -> Html<&'static str> {
@@ -446,9 +450,5 @@ async fn readyz(State(state): State<SharedState>) -> Response {
 }
 
 async fn metrics_text(State(state): State<SharedState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        metrics::render(&state),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics::render(&state)).into_response()
 }

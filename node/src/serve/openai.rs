@@ -125,7 +125,11 @@ struct UsageBody {
 
 fn usage_body(u: &Usage, prompt_tokens: usize) -> UsageBody {
     let prompt = u.prompt_tokens.max(prompt_tokens);
-    UsageBody { prompt_tokens: prompt, completion_tokens: u.completion_tokens, total_tokens: prompt + u.completion_tokens }
+    UsageBody {
+        prompt_tokens: prompt,
+        completion_tokens: u.completion_tokens,
+        total_tokens: prompt + u.completion_tokens,
+    }
 }
 
 fn now_secs() -> u64 {
@@ -167,7 +171,10 @@ impl SamplingFields {
             Some(StopSpec::Many(v)) => v.clone(),
         };
         if stop.len() > 16 || stop.iter().any(|s| s.is_empty() || s.len() > 256) {
-            return Err(ApiError::invalid_param("stop", "stop takes at most 16 non-empty strings of at most 256 bytes"));
+            return Err(ApiError::invalid_param(
+                "stop",
+                "stop takes at most 16 non-empty strings of at most 256 bytes",
+            ));
         }
         let sampling = SamplingParams {
             temperature: self.temperature.unwrap_or(1.0),
@@ -457,7 +464,6 @@ fn end_events(
     out
 }
 
-
 pub async fn completions(
     State(state): State<SharedState>,
     audit: Option<Extension<Arc<AuditCell>>>,
@@ -481,7 +487,9 @@ pub async fn completions(
         return Err(ApiError::invalid_param("suffix", "suffix is not supported"));
     }
     let top = match req.logprobs {
-        Some(n) if !(0..=20).contains(&n) => return Err(ApiError::invalid_param("logprobs", "logprobs must be in [0, 20]")),
+        Some(n) if !(0..=20).contains(&n) => {
+            return Err(ApiError::invalid_param("logprobs", "logprobs must be in [0, 20]"));
+        }
         Some(n) => Some(n as usize),
         None => None,
     };
@@ -508,9 +516,8 @@ pub async fn completions(
             c
         };
         let want_lp = top.is_some();
-        let stream = futures_util::stream::unfold(
-            (answer, chunk, echo, false),
-            move |(mut answer, chunk, mut echo, done)| {
+        let stream =
+            futures_util::stream::unfold((answer, chunk, echo, false), move |(mut answer, chunk, mut echo, done)| {
                 let tok = tok.clone();
                 async move {
                     if done {
@@ -544,9 +551,10 @@ pub async fn completions(
                     }
                     Some((futures_util::stream::iter(events), (answer, chunk, echo, finished)))
                 }
-            },
+            });
+        return Ok(
+            (node, Sse::new(futures_util::StreamExt::flatten(stream)).keep_alive(KeepAlive::default())).into_response()
         );
-        return Ok((node, Sse::new(futures_util::StreamExt::flatten(stream)).keep_alive(KeepAlive::default())).into_response());
     }
     let prompt_tokens = answer.prompt_tokens();
     let (text, lps, end, _) = answer.collect().await;
@@ -557,21 +565,24 @@ pub async fn completions(
         Some(p) => p + &text,
         None => text,
     };
-    Ok((node, Json(json!({
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": req.model,
-        "system_fingerprint": Value::Null,
-        "choices": [{
-            "index": 0,
-            "text": text,
-            "logprobs": if top.is_some() { legacy_logprobs(tok.as_ref(), &lps) } else { Value::Null },
-            "finish_reason": end.finish_reason,
-        }],
-        "usage": usage_body(&end.usage, prompt_tokens),
-    })))
-    .into_response())
+    Ok((
+        node,
+        Json(json!({
+            "id": id,
+            "object": "text_completion",
+            "created": created,
+            "model": req.model,
+            "system_fingerprint": Value::Null,
+            "choices": [{
+                "index": 0,
+                "text": text,
+                "logprobs": if top.is_some() { legacy_logprobs(tok.as_ref(), &lps) } else { Value::Null },
+                "finish_reason": end.finish_reason,
+            }],
+            "usage": usage_body(&end.usage, prompt_tokens),
+        })),
+    )
+        .into_response())
 }
 
 /// `x-ragnode-node`: which node generated the answer.

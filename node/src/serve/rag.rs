@@ -296,6 +296,9 @@ mod tests {
             confidence: 1.0,
         };
         assert_eq!(source_line(&[s("退货政策是什么？")]), "来源: 退货政策是什么？");
-        assert_eq!(source_line(&[s("What is your return policy?"), s("Refunds")]), "Source: What is your return policy?; Refunds");
+        assert_eq!(
+            source_line(&[s("What is your return policy?"), s("Refunds")]),
+            "Source: What is your return policy?; Refunds"
+        );
     }
 }

@@ -21,7 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use ragnode_inference::{EngineError, EngineHandle, FinishReason, GenerationRequest, SamplingParams, StreamEvent, TokenStream, Usage};
+use ragnode_inference::{
+    EngineError, EngineHandle, FinishReason, GenerationRequest, SamplingParams, StreamEvent, TokenStream, Usage,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -66,8 +68,15 @@ pub struct RemoteRequest {
 pub enum RemoteReply {
     Accepted,
     /// Not run. `retry`: another node may take it (load, not ready).
-    Rejected { code: String, message: String, retry: bool },
-    Event { seq: u64, event: StreamEvent },
+    Rejected {
+        code: String,
+        message: String,
+        retry: bool,
+    },
+    Event {
+        seq: u64,
+        event: StreamEvent,
+    },
 }
 
 /// Receiver → runner, on the runner's control subject.
@@ -129,7 +138,10 @@ pub fn order_candidates(nodes: &[Member], key: Option<&str>, me: &str) -> Vec<St
             }
         }
         None => v.sort_by(|a, b| {
-            load(a).cmp(&load(b)).then_with(|| (a.status.id != me).cmp(&(b.status.id != me))).then_with(|| a.status.id.cmp(&b.status.id))
+            load(a)
+                .cmp(&load(b))
+                .then_with(|| (a.status.id != me).cmp(&(b.status.id != me)))
+                .then_with(|| a.status.id.cmp(&b.status.id))
         }),
     }
     v.into_iter().map(|m| m.status.id.clone()).collect()
@@ -341,7 +353,12 @@ pub async fn serve_remote(
             let req: RemoteRequest = match serde_json::from_slice(&msg.payload) {
                 Ok(r) => r,
                 Err(e) => {
-                    send(RemoteReply::Rejected { code: "invalid_request".into(), message: e.to_string(), retry: false }).await;
+                    send(RemoteReply::Rejected {
+                        code: "invalid_request".into(),
+                        message: e.to_string(),
+                        retry: false,
+                    })
+                    .await;
                     continue;
                 }
             };

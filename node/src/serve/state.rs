@@ -12,11 +12,11 @@ use ragnode_retrieval::FaqShard;
 use std::collections::VecDeque;
 
 use super::answer::{AnswerStream, Redispatch, TokenSource, dispatch};
-use super::routing::{Placement, RemoteRequest, Router};
 use super::audit::{AuditCell, AuditSink};
 use super::auth::KeyRing;
 use super::error::ApiError;
 use super::rag::{ConversationStore, RagApp, RagPlan};
+use super::routing::{Placement, RemoteRequest, Router};
 use crate::config::ServeConfig;
 
 pub type SharedState = Arc<AppState>;
@@ -104,7 +104,8 @@ impl AppState {
         affinity: Option<&str>,
     ) -> Result<AnswerStream, ApiError> {
         let engine = self.engine()?;
-        let ids = engine.tokenizer().encode(prompt, true).map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?;
+        let ids =
+            engine.tokenizer().encode(prompt, true).map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?;
         if ids.is_empty() {
             return Err(ApiError::invalid_param("prompt", "the prompt is empty"));
         }
@@ -122,12 +123,21 @@ impl AppState {
         let limit = engine.context_limit();
         let prompt_len = ids.len();
         let too_long = |requested: Option<usize>| {
-            let ask = requested.map(|n| format!(" However, you requested {} tokens ({prompt_len} in the messages, {n} in the completion).", prompt_len.saturating_add(n))).unwrap_or_else(|| format!(" However, your messages resulted in {prompt_len} tokens."));
+            let ask = requested
+                .map(|n| {
+                    format!(
+                        " However, you requested {} tokens ({prompt_len} in the messages, {n} in the completion).",
+                        prompt_len.saturating_add(n)
+                    )
+                })
+                .unwrap_or_else(|| format!(" However, your messages resulted in {prompt_len} tokens."));
             ApiError {
                 param: Some("messages"),
                 ..ApiError::bad_request(
                     "context_length_exceeded",
-                    format!("This model's maximum context length is {limit} tokens.{ask} Please reduce the length of the messages or completion."),
+                    format!(
+                        "This model's maximum context length is {limit} tokens.{ask} Please reduce the length of the messages or completion."
+                    ),
                 )
             }
         };

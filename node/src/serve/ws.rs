@@ -302,7 +302,8 @@ async fn start(
         return Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1"));
     }
     if let Some(c) = &audit {
-        let model = ask.model.clone().or_else(|| Some(format!("app:{}", ask.app.as_deref().unwrap_or(&state.default_app))));
+        let model =
+            ask.model.clone().or_else(|| Some(format!("app:{}", ask.app.as_deref().unwrap_or(&state.default_app))));
         c.update(|r| r.model = model);
     }
     if let Some(model) = &ask.model
