@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use ragnode_tests::{NatsServer, ServeProcess, http_get, ragnode_bin};
+use ragnode_tests::{NatsServer, ServeProcess, http, http_get, ragnode_bin};
 use serde_json::Value;
 
 fn join(nats: &NatsServer, id: &str) -> ServeProcess {
@@ -110,26 +110,10 @@ fn without_nats_the_node_is_embedded() {
     assert_eq!(v["nodes"][0]["ready"], true);
 }
 
-/// POSTs JSON (Connection: close); returns (status, the `x-ragnode-node` header, body).
+/// POSTs JSON; returns (status, the `x-ragnode-node` header, body).
 fn post(addr: &str, path: &str, body: &Value) -> (u16, String, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    let b = body.to_string();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
-        b.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read");
-    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let node = raw
-        .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-ragnode-node: ").map(|v| v.trim().to_string()))
-        .unwrap_or_default();
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, node, body)
+    let r = http(addr, "POST", path, Some(&body.to_string()), None);
+    (r.status, r.header("x-ragnode-node").unwrap_or_default().to_string(), r.body)
 }
 
 /// Opens a streaming chat; returns the `x-ragnode-node` header and a reader of SSE payloads.
@@ -245,21 +229,10 @@ fn requests_run_on_their_session_node_and_survive_its_death() {
     assert_eq!((status, node.as_str()), (200, "a"), "{body}");
 }
 
-/// One HTTP request with an admin key (Connection: close): (status, body).
+/// One request with the admin key: (status, body).
 fn admin(addr: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    let b = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
-        b.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read");
-    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+    let r = http(addr, method, path, body.map(|b| b.to_string()).as_deref(), Some(ADMIN));
+    (r.status, r.body)
 }
 
 const ADMIN: &str = "sk-admin-test-123";

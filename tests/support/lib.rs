@@ -209,21 +209,49 @@ impl Drop for NatsServer {
     }
 }
 
-/// A plain HTTP/1.1 GET; returns (status, body).
-pub fn http_get(addr: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
+/// One HTTP/1.1 request over a fresh connection (`Connection: close`).
+pub struct HttpReply {
+    pub status: u16,
+    /// The raw header block, lowercased.
+    pub headers: String,
+    pub body: String,
+}
+
+impl HttpReply {
+    /// A header's value (name lowercased).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')).map(str::trim)
+    }
+}
+
+/// Sends `method path` with an optional JSON body and bearer key; reads the whole reply.
+pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>, bearer: Option<&str>) -> HttpReply {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
     let auth = bearer.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n").unwrap();
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).expect("read response");
     let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let headers = head.to_ascii_lowercase();
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     // Connection: close, so a chunked body is the only framing to undo.
-    let body = if text.to_ascii_lowercase().contains("transfer-encoding: chunked") { unchunk(&body) } else { body };
-    (status, body)
+    let body = if headers.contains("transfer-encoding: chunked") { unchunk(body) } else { body.to_string() };
+    HttpReply { status, headers, body }
+}
+
+/// A plain GET; returns (status, body).
+pub fn http_get(addr: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
+    let r = http(addr, "GET", path, None, bearer);
+    (r.status, r.body)
 }
 
 fn unchunk(body: &str) -> String {

@@ -14,7 +14,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -39,8 +38,9 @@ pub struct FaqLog {
     js: jetstream::Context,
     stream: String,
     subject: String,
-    /// Stream sequence of the last write applied to the local shard.
-    applied: Arc<AtomicU64>,
+    /// Stream sequence of the last write applied to the local shard (watched by writers
+    /// waiting for their own write).
+    applied: tokio::sync::watch::Sender<u64>,
 }
 
 impl FaqLog {
@@ -56,7 +56,8 @@ impl FaqLog {
         })
         .await
         .map_err(|e| anyhow::anyhow!("creating the JetStream stream {stream}: {e}"))?;
-        Ok(Self { js, stream, subject: format!("ragnode.{cluster}.faq.log.0"), applied: Arc::default() })
+        let applied = tokio::sync::watch::Sender::new(0);
+        Ok(Self { js, stream, subject: format!("ragnode.{cluster}.faq.log.0"), applied })
     }
 
     /// Messages in the log.
@@ -93,18 +94,12 @@ impl FaqLog {
     /// Waits until the local shard has applied the log up to `seq` (read-your-writes for
     /// the node that took the write).
     pub async fn wait_applied(&self, seq: u64, limit: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + limit;
-        while self.applied.load(Ordering::Acquire) < seq {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        true
+        let mut rx = self.applied.subscribe();
+        matches!(tokio::time::timeout(limit, rx.wait_for(|&a| a >= seq)).await, Ok(Ok(_)))
     }
 
     pub fn applied(&self) -> u64 {
-        self.applied.load(Ordering::Acquire)
+        *self.applied.borrow()
     }
 
     /// Applies the log to `shard` from the sequence after the one recorded in
@@ -117,7 +112,7 @@ impl FaqLog {
     ) -> Result<()> {
         let seq_file = shard.path().join(".ragnode-applied-seq");
         let start = read_seq(&seq_file);
-        self.applied.store(start, Ordering::Release);
+        self.applied.send_replace(start);
         let log = self.clone();
         tokio::spawn(async move {
             loop {
@@ -136,7 +131,7 @@ impl FaqLog {
         seq_file: &PathBuf,
         on_commit: &(impl Fn() + Send + Sync),
     ) -> Result<()> {
-        let from = self.applied.load(Ordering::Acquire) + 1;
+        let from = self.applied() + 1;
         let stream = self.js.get_stream(&self.stream).await.map_err(|e| anyhow::anyhow!("{e}"))?;
         let consumer = stream
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
@@ -179,7 +174,7 @@ impl FaqLog {
                 // After the commit: a crash in between only replays idempotent writes.
                 // (Up to `seq`, everything is in this commit.)
                 std::fs::write(seq_file, seq.to_string()).with_context(|| format!("writing {}", seq_file.display()))?;
-                self.applied.store(seq, Ordering::Release);
+                self.applied.send_replace(seq);
                 staged = 0;
                 on_commit();
             }

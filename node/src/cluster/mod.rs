@@ -108,6 +108,12 @@ impl ClusterView {
         nodes.insert(status.id.clone(), (status, at));
     }
 
+    /// Whether `id` was heard from within [`NODE_TIMEOUT`] (cheap: no copies).
+    pub fn is_live(&self, id: &str) -> bool {
+        let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        nodes.get(id).is_some_and(|(_, at)| at.elapsed() < NODE_TIMEOUT)
+    }
+
     /// Members heard from within [`NODE_TIMEOUT`], by id; forgets the others.
     pub fn live(&self) -> Vec<Member> {
         self.live_at(Instant::now())

@@ -177,21 +177,23 @@ impl AuditCell {
     /// when the returned guard drops.
     pub fn child(parent: &AuditCell, id: &str, sink: &AuditSink) -> (Arc<AuditCell>, impl Drop + Send + use<>) {
         let p = parent.rec.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
-        let cell = Arc::new(AuditCell {
-            started: Instant::now(),
-            rec: Mutex::new(AuditRecord {
-                request_id: format!("{}/{id}", p.request_id),
-                time: (now * 1000.0).round() / 1000.0,
-                source_ip: p.source_ip,
-                key_id: p.key_id,
-                method: "WS".into(),
-                route: p.route,
-                status: 200,
-                ..AuditRecord::default()
-            }),
+        let cell = AuditCell::starting(AuditRecord {
+            request_id: format!("{}/{id}", p.request_id),
+            source_ip: p.source_ip,
+            key_id: p.key_id,
+            method: "WS".into(),
+            route: p.route,
+            status: 200,
+            ..AuditRecord::default()
         });
         (cell.clone(), AuditGuard { cell, sink: sink.clone() })
+    }
+
+    /// A request's cell, started now (arrival time stamped into the record).
+    fn starting(mut rec: AuditRecord) -> Arc<AuditCell> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        rec.time = (now * 1000.0).round() / 1000.0;
+        Arc::new(AuditCell { started: Instant::now(), rec: Mutex::new(rec) })
     }
 }
 
@@ -237,17 +239,12 @@ pub async fn sanitize_request_id(mut req: Request, next: Next) -> Response {
 pub async fn audit(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
     let route = route_label(req.uri().path());
     let ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|ci| ci.0.ip().to_string()).unwrap_or_default();
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
-    let cell = Arc::new(AuditCell {
-        started: Instant::now(),
-        rec: Mutex::new(AuditRecord {
-            request_id: request_id(req.headers()),
-            time: (now * 1000.0).round() / 1000.0,
-            source_ip: ip,
-            method: req.method().to_string(),
-            route: route.to_string(),
-            ..AuditRecord::default()
-        }),
+    let cell = AuditCell::starting(AuditRecord {
+        request_id: request_id(req.headers()),
+        source_ip: ip,
+        method: req.method().to_string(),
+        route: route.to_string(),
+        ..AuditRecord::default()
     });
     req.extensions_mut().insert(cell.clone());
     // Probes and scrapes are counted, not audited.

@@ -22,7 +22,6 @@ use super::answer::{AnswerEnd, AnswerEvent, AnswerStream};
 use super::audit::AuditCell;
 use super::error::ApiError;
 use super::extract::ApiJson;
-use super::rag::Source;
 use super::state::{AppState, GenParams, RagOverrides, SharedState};
 
 /// `stop`: one string or a list.
@@ -331,9 +330,17 @@ pub async fn chat_completions(
     let created = now_secs();
     let node = node_header(&answer);
     if req.stream {
-        let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        let stream = chat_chunks(answer, tok, id, created, req.model, include_usage, top.is_some());
-        return Ok((node, Sse::new(stream).keep_alive(KeepAlive::default())).into_response());
+        let shape = ChunkShape {
+            object: "chat.completion.chunk",
+            chat: true,
+            id,
+            created,
+            model: req.model,
+            include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
+            logprobs: top.map(|_| (tok, logprobs_json as LogprobsFormat)),
+        };
+        let first = vec![shape.chunk(json!({"role": "assistant", "content": ""}), None, Value::Null)];
+        return Ok((node, openai_sse(answer, shape, first)).into_response());
     }
     let prompt_tokens = answer.prompt_tokens();
     let (text, lps, end, sources) = answer.collect().await;
@@ -378,90 +385,96 @@ fn error_event(code: &str, message: &str) -> Value {
     json!({ "error": { "message": message, "type": "server_error", "param": Value::Null, "code": code } })
 }
 
-/// The chunks of a streamed chat completion.
-fn chat_chunks(
-    answer: AnswerStream,
-    tok: Option<Arc<ModelTokenizer>>,
+/// How a streamed response shapes its chunks: chat (`delta` objects) or legacy
+/// completions (`text`).
+struct ChunkShape {
+    object: &'static str,
+    chat: bool,
     id: String,
     created: u64,
     model: String,
     include_usage: bool,
-    logprobs: bool,
-) -> impl Stream<Item = Result<Event, Infallible>> {
-    struct St {
-        answer: AnswerStream,
-        first: bool,
-        done: bool,
-    }
-    let chunk = move |delta: Value, finish: Option<&str>, lp: Value, usage: Option<Value>| {
-        let mut c = json!({
-            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "system_fingerprint": Value::Null,
-            "choices": [{ "index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish }],
-        });
-        if include_usage {
-            c["usage"] = usage.unwrap_or(Value::Null);
-        }
-        c
-    };
-    let st = St { answer, first: true, done: false };
-    let batches = futures_util::stream::unfold((st, chunk), move |(mut st, chunk)| {
-        let tok = tok.clone();
-        async move {
-            if st.done {
-                return None;
-            }
-            let mut events: Vec<Result<Event, Infallible>> = Vec::new();
-            if st.first {
-                st.first = false;
-                events.push(sse_json(&chunk(json!({"role": "assistant", "content": ""}), None, Value::Null, None)));
-            }
-            match st.answer.next().await {
-                Some(AnswerEvent::Delta { text, logprobs: lps }) => {
-                    let lp = if logprobs { logprobs_json(tok.as_ref(), &lps) } else { Value::Null };
-                    events.push(sse_json(&chunk(json!({ "content": text }), None, lp, None)));
-                }
-                Some(AnswerEvent::Done(end)) => {
-                    st.done = true;
-                    events.extend(end_events(&st.answer, &end, include_usage, |finish, usage| match usage {
-                        None => chunk(json!({}), Some(finish), Value::Null, None),
-                        Some(u) => {
-                            let mut c = chunk(json!({}), None, Value::Null, Some(u));
-                            c["choices"] = json!([]);
-                            c
-                        }
-                    }));
-                }
-                None => {
-                    st.done = true;
-                    events.push(Ok(Event::default().data("[DONE]")));
-                }
-            }
-            Some((futures_util::stream::iter(events), (st, chunk)))
-        }
-    });
-    futures_util::StreamExt::flatten(batches)
+    /// Logprobs per delta: the tokenizer for token texts and the wire format.
+    logprobs: Option<(Option<Arc<ModelTokenizer>>, LogprobsFormat)>,
 }
 
-/// The final events of an OpenAI stream: the finish chunk (or an error), the usage chunk,
-/// `[DONE]`. `make(finish, usage)` builds a chunk.
-fn end_events(
-    answer: &AnswerStream,
-    end: &AnswerEnd,
-    include_usage: bool,
-    make: impl Fn(&str, Option<Value>) -> Value,
-) -> Vec<Result<Event, Infallible>> {
-    let mut out = Vec::new();
-    match &end.error {
-        Some((code, message)) => out.push(sse_json(&error_event(code, message))),
-        None => out.push(sse_json(&make(end.finish_reason, None))),
+type LogprobsFormat = fn(Option<&Arc<ModelTokenizer>>, &[SampledLogprobs]) -> Value;
+
+impl ChunkShape {
+    /// One chunk; `body` is the delta object (chat) or the text (completions).
+    fn chunk(&self, body: Value, finish: Option<&str>, lp: Value) -> Value {
+        let field = if self.chat { "delta" } else { "text" };
+        let mut c = json!({
+            "id": self.id, "object": self.object, "created": self.created, "model": self.model,
+            "system_fingerprint": Value::Null,
+            "choices": [{ "index": 0, field: body, "logprobs": lp, "finish_reason": finish }],
+        });
+        if self.include_usage {
+            c["usage"] = Value::Null;
+        }
+        c
     }
-    if include_usage {
-        let u = serde_json::to_value(usage_body(&end.usage, answer.prompt_tokens())).unwrap_or(Value::Null);
-        out.push(sse_json(&make(end.finish_reason, Some(u))));
+
+    fn delta(&self, text: String, lps: &[SampledLogprobs]) -> Value {
+        let lp = self.logprobs.as_ref().map_or(Value::Null, |(tok, f)| f(tok.as_ref(), lps));
+        let body = if self.chat { json!({ "content": text }) } else { json!(text) };
+        self.chunk(body, None, lp)
     }
-    out.push(Ok(Event::default().data("[DONE]")));
-    out
+
+    fn empty_body(&self) -> Value {
+        if self.chat { json!({}) } else { json!("") }
+    }
+
+    /// The final events: the finish chunk (or an error event), the usage chunk, `[DONE]`.
+    fn end(&self, answer: &AnswerStream, end: &AnswerEnd) -> Vec<Result<Event, Infallible>> {
+        let mut out = Vec::new();
+        match &end.error {
+            Some((code, message)) => out.push(sse_json(&error_event(code, message))),
+            None => out.push(sse_json(&self.chunk(self.empty_body(), Some(end.finish_reason), Value::Null))),
+        }
+        if self.include_usage {
+            let mut c = self.chunk(self.empty_body(), None, Value::Null);
+            c["choices"] = json!([]);
+            c["usage"] = serde_json::to_value(usage_body(&end.usage, answer.prompt_tokens())).unwrap_or(Value::Null);
+            out.push(sse_json(&c));
+        }
+        out.push(Ok(Event::default().data("[DONE]")));
+        out
+    }
+}
+
+/// A streamed OpenAI response: the `first` chunks, one chunk per delta, the end events.
+fn openai_sse(
+    answer: AnswerStream,
+    shape: ChunkShape,
+    first: Vec<Value>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let batches = futures_util::stream::unfold(
+        (answer, shape, Some(first), false),
+        |(mut answer, shape, mut first, done)| async move {
+            if done {
+                return None;
+            }
+            let mut events: Vec<Result<Event, Infallible>> =
+                first.take().unwrap_or_default().iter().map(sse_json).collect();
+            let done = match answer.next().await {
+                Some(AnswerEvent::Delta { text, logprobs }) => {
+                    events.push(sse_json(&shape.delta(text, &logprobs)));
+                    false
+                }
+                Some(AnswerEvent::Done(end)) => {
+                    events.extend(shape.end(&answer, &end));
+                    true
+                }
+                None => {
+                    events.push(Ok(Event::default().data("[DONE]")));
+                    true
+                }
+            };
+            Some((futures_util::stream::iter(events), (answer, shape, first, done)))
+        },
+    );
+    Sse::new(futures_util::StreamExt::flatten(batches)).keep_alive(KeepAlive::default())
 }
 
 pub async fn completions(
@@ -503,58 +516,17 @@ pub async fn completions(
     let node = node_header(&answer);
     let echo = if req.echo { Some(prompt) } else { None };
     if req.stream {
-        let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        let model = req.model.clone();
-        let chunk = move |text: String, finish: Option<&str>, lp: Value, usage: Option<Value>| {
-            let mut c = json!({
-                "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{ "index": 0, "text": text, "logprobs": lp, "finish_reason": finish }],
-            });
-            if include_usage {
-                c["usage"] = usage.unwrap_or(Value::Null);
-            }
-            c
+        let shape = ChunkShape {
+            object: "text_completion",
+            chat: false,
+            id,
+            created,
+            model: req.model,
+            include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
+            logprobs: top.map(|_| (tok, legacy_logprobs as LogprobsFormat)),
         };
-        let want_lp = top.is_some();
-        let stream =
-            futures_util::stream::unfold((answer, chunk, echo, false), move |(mut answer, chunk, mut echo, done)| {
-                let tok = tok.clone();
-                async move {
-                    if done {
-                        return None;
-                    }
-                    let mut events = Vec::new();
-                    if let Some(e) = echo.take() {
-                        events.push(sse_json(&chunk(e, None, Value::Null, None)));
-                    }
-                    let mut finished = false;
-                    match answer.next().await {
-                        Some(AnswerEvent::Delta { text, logprobs }) => {
-                            let lp = if want_lp { legacy_logprobs(tok.as_ref(), &logprobs) } else { Value::Null };
-                            events.push(sse_json(&chunk(text, None, lp, None)));
-                        }
-                        Some(AnswerEvent::Done(end)) => {
-                            finished = true;
-                            events.extend(end_events(&answer, &end, include_usage, |finish, usage| match usage {
-                                None => chunk(String::new(), Some(finish), Value::Null, None),
-                                Some(u) => {
-                                    let mut c = chunk(String::new(), None, Value::Null, Some(u));
-                                    c["choices"] = json!([]);
-                                    c
-                                }
-                            }));
-                        }
-                        None => {
-                            finished = true;
-                            events.push(Ok(Event::default().data("[DONE]")));
-                        }
-                    }
-                    Some((futures_util::stream::iter(events), (answer, chunk, echo, finished)))
-                }
-            });
-        return Ok(
-            (node, Sse::new(futures_util::StreamExt::flatten(stream)).keep_alive(KeepAlive::default())).into_response()
-        );
+        let first = echo.map(|e| vec![shape.chunk(json!(e), None, Value::Null)]).unwrap_or_default();
+        return Ok((node, openai_sse(answer, shape, first)).into_response());
     }
     let prompt_tokens = answer.prompt_tokens();
     let (text, lps, end, _) = answer.collect().await;
@@ -624,9 +596,4 @@ pub async fn get_model(State(state): State<SharedState>, Path(id): Path<String>)
     target(&state, &id)?;
     let created = now_secs().saturating_sub(state.started.elapsed().as_secs());
     Ok(Json(model_object(&id, created)))
-}
-
-/// Sources as JSON (for the other front ends).
-pub fn sources_json(sources: &[Source]) -> Value {
-    json!(sources)
 }

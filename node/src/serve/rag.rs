@@ -123,7 +123,7 @@ impl RagApp {
         shard: &FaqShard,
         question: &str,
         history: &[ChatMessage],
-    ) -> Result<(RagPlan, Option<Duration>), ApiError> {
+    ) -> Result<(RagPlan, Duration), ApiError> {
         Self::check_question(question)?;
         // (The caller looks in the cache first: see `AppState::start_rag`.)
         let first_turn = history.is_empty();
@@ -132,7 +132,7 @@ impl RagApp {
         let hits = shard
             .search(question, &SearchOptions { k: self.cfg.top_k, ..SearchOptions::default() })
             .map_err(|e| ApiError::internal(format!("FAQ search failed: {e}")))?;
-        let took = Some(t.elapsed());
+        let took = t.elapsed();
         let hits: Vec<&FaqHit> = hits.iter().filter(|h| h.confidence >= self.cfg.min_confidence).collect();
         let sources: Arc<Vec<Source>> = Arc::new(hits.iter().map(|h| Source::from(*h)).collect());
         let cache_key = (first_turn && self.cfg.cache).then(|| normalize_question(question));

@@ -185,6 +185,7 @@ impl Router {
                 metrics::counter!("ragnode:remote_requests_total", "node" => node.to_string()).increment(1);
                 Ok(Some(RemoteStream {
                     sub,
+                    liveness: liveness_check(),
                     membership: m.clone(),
                     node: node.to_string(),
                     request_id: req.request_id.clone(),
@@ -206,6 +207,13 @@ impl Router {
     }
 }
 
+fn liveness_check() -> tokio::time::Interval {
+    let period = Duration::from_millis(250);
+    let mut i = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i
+}
+
 fn remote_error(code: &str, message: String) -> ApiError {
     match code {
         "context_length_exceeded" => ApiError::bad_request("context_length_exceeded", message),
@@ -217,6 +225,8 @@ fn remote_error(code: &str, message: String) -> ApiError {
 /// A generation running on another node, read from our inbox.
 pub struct RemoteStream {
     sub: async_nats::Subscriber,
+    /// When to look whether the runner is still in the cluster view (not per event).
+    liveness: tokio::time::Interval,
     membership: Arc<Membership>,
     pub node: String,
     request_id: String,
@@ -238,7 +248,6 @@ impl RemoteStream {
         if self.done {
             return Ok(None);
         }
-        let mut check = tokio::time::interval(Duration::from_millis(250));
         loop {
             tokio::select! {
                 msg = self.sub.next() => {
@@ -264,9 +273,8 @@ impl RemoteStream {
                         Err(e) => return Ok(Some(self.fail(&format!("a malformed event from node {}: {e}", self.node)))),
                     }
                 }
-                _ = check.tick() => {
-                    let alive = self.membership.view.live().iter().any(|m| m.status.id == self.node);
-                    if !alive {
+                _ = self.liveness.tick() => {
+                    if !self.membership.view.is_live(&self.node) {
                         if self.tokens == 0 {
                             self.done = true;
                             return Err(RemoteEnd::LostBeforeFirstToken);

@@ -209,9 +209,7 @@ impl AppState {
         }
         let shard = self.shard()?;
         let (plan, took) = app.plan(shard, question, history)?;
-        if let Some(t) = took {
-            super::metrics::retrieval_latency(t);
-        }
+        super::metrics::retrieval_latency(took);
         match plan {
             RagPlan::Answer { text, sources, cache_hit } => {
                 Ok(AnswerStream::known(text, sources, cache_hit).with_audit(audit).served_by(self.node_id.clone()))

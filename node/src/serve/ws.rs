@@ -32,7 +32,6 @@ use tokio::sync::{mpsc, oneshot};
 use super::answer::AnswerEvent;
 use super::audit::AuditCell;
 use super::error::ApiError;
-use super::openai::sources_json;
 use super::state::{GenParams, RagOverrides, SharedState};
 
 #[derive(Deserialize, Debug)]
@@ -275,7 +274,7 @@ async fn run_chat(
                         "prompt_tokens": answer.prompt_tokens().max(end.usage.prompt_tokens),
                         "completion_tokens": end.usage.completion_tokens,
                     },
-                    "sources": sources_json(&answer.sources),
+                    "sources": &*answer.sources,
                     "conversation_id": conversation.as_ref().map(|c| c.0.clone()),
                     "cache_hit": answer.cache_hit,
                 }))
