@@ -74,11 +74,32 @@ pub struct ClusterSettings {
     pub name: String,
     /// This node's id, unique in the cluster (default: the host name).
     pub node_id: Option<String>,
+    /// FAQ shards (fixed for the life of the cluster's FAQ log).
+    pub faq_shards: u32,
+    /// Nodes holding each FAQ shard (fewer while the cluster has fewer nodes).
+    pub faq_replicas: u32,
+    /// How long a distributed search waits for a shard (per phase) before answering
+    /// without it (flagged partial).
+    pub shard_timeout_ms: u64,
+    /// After this long without a shard's answer the query is also sent to its other
+    /// replicas (hedged request).
+    pub hedge_after_ms: u64,
+    /// How long a starting node waits for its FAQ shards to replay the log.
+    pub catch_up_timeout_secs: u64,
 }
 
 impl Default for ClusterSettings {
     fn default() -> Self {
-        Self { nats: None, name: "default".into(), node_id: None }
+        Self {
+            nats: None,
+            name: "default".into(),
+            node_id: None,
+            faq_shards: 8,
+            faq_replicas: 2,
+            shard_timeout_ms: 1000,
+            hedge_after_ms: 50,
+            catch_up_timeout_secs: 600,
+        }
     }
 }
 
@@ -327,6 +348,12 @@ pub struct ServeArgs {
     /// This node's id in the cluster [default: the host name].
     #[arg(long, env = "RAGNODE_NODE_ID")]
     pub node_id: Option<String>,
+    /// FAQ shards in the cluster [default: 8]; must match the cluster's FAQ log.
+    #[arg(long, env = "RAGNODE_FAQ_SHARDS")]
+    pub faq_shards: Option<u32>,
+    /// Nodes holding each FAQ shard [default: 2].
+    #[arg(long, env = "RAGNODE_FAQ_REPLICAS")]
+    pub faq_replicas: Option<u32>,
     /// Allowed CORS origin, or `*` (repeatable; env: comma-separated).
     #[arg(long = "cors-origin", env = "RAGNODE_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
@@ -395,6 +422,8 @@ impl ServeConfig {
         if a.node_id.is_some() {
             self.cluster.node_id = a.node_id.clone();
         }
+        set(&mut self.cluster.faq_shards, &a.faq_shards);
+        set(&mut self.cluster.faq_replicas, &a.faq_replicas);
         if self.apps.is_empty() {
             self.apps.push(AppConfig::default());
         }
@@ -437,6 +466,13 @@ impl ServeConfig {
         }
         crate::cluster::check_token("cluster name", &self.cluster.name)?;
         crate::cluster::check_token("node id", &self.cluster.node_id())?;
+        let c = &self.cluster;
+        if !(1..=1024).contains(&c.faq_shards) || c.faq_replicas == 0 {
+            bail!("cluster.faq_shards must be in 1..=1024 and cluster.faq_replicas > 0");
+        }
+        if c.shard_timeout_ms == 0 || c.hedge_after_ms == 0 || c.catch_up_timeout_secs == 0 {
+            bail!("cluster.shard_timeout_ms, hedge_after_ms and catch_up_timeout_secs must be > 0");
+        }
         let mut keys = std::collections::HashSet::new();
         for k in self.auth.api_keys.iter().chain(&self.auth.admin_keys) {
             if k.key.len() < 8 {

@@ -223,8 +223,14 @@ fn cluster_command(args: ClusterArgs) -> Result<()> {
     cluster::check_token("cluster name", &name)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let members = rt.block_on(cluster::observe_once(&nats, &name, std::time::Duration::from_millis(1500)))?;
+    // The shard layout as the nodes report it (all nodes of a cluster share it).
+    let layout = members
+        .iter()
+        .find(|m| m.status.faq_shard_count > 0)
+        .map(|m| (m.status.faq_shard_count, m.status.faq_replicas));
+    let shards = layout.map(|(s, r)| cluster::placement::shard_table(&members, s, r)).unwrap_or_default();
     if json {
-        println!("{}", serde_json::to_string_pretty(&members)?);
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "nodes": members, "faq_shards": shards }))?);
         return Ok(());
     }
     println!("cluster {name}: {} live node(s)", members.len());
@@ -245,6 +251,27 @@ fn cluster_command(args: ClusterArgs) -> Result<()> {
             s.recent_tokens_per_s,
             s.faq_documents
         );
+    }
+    if !shards.is_empty() {
+        println!();
+        println!("{:<6} {:<30} {:<40}", "SHARD", "PLACED ON", "REPLICAS (node:serving/applied/lag/docs)");
+        for v in &shards {
+            let replicas: Vec<String> = v
+                .replicas
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{}:{}/{}/{}/{}",
+                        r.node,
+                        if r.serving { "up" } else { "replaying" },
+                        r.applied,
+                        r.lag,
+                        r.documents
+                    )
+                })
+                .collect();
+            println!("{:<6} {:<30} {}", v.shard, v.placed_on.join(","), replicas.join(" "));
+        }
     }
     Ok(())
 }

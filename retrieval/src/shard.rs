@@ -97,7 +97,7 @@ impl Default for ShardConfig {
 }
 
 /// What to search for.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SearchOptions {
     pub k: usize,
     pub category: Option<String>,

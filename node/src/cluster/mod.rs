@@ -11,8 +11,13 @@
 //! | subject | payload | who |
 //! |---|---|---|
 //! | `ragnode.<cluster>.status.<node>` | `NodeStatus` JSON, every second | each node publishes; all subscribe to `status.*` |
+//! | `ragnode.<cluster>.faq.log.<shard>` | `FaqOp` JSON in JetStream | see [`faqlog`] |
+//! | `ragnode.<cluster>.faq.search.<shard>` (queue group `faq-<shard>`) and `….<shard>.<node>` | `ShardRequest` / `ShardAnswer` JSON | see [`faqshards`], [`search`] |
 
 pub mod faqlog;
+pub mod faqshards;
+pub mod placement;
+pub mod search;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -47,6 +52,46 @@ impl Subjects {
     pub fn all_statuses(&self) -> String {
         format!("{}.status.*", self.prefix)
     }
+
+    /// FAQ shard `shard`'s write log (in the JetStream stream).
+    pub fn faq_log(&self, shard: u32) -> String {
+        format!("{}.faq.log.{shard}", self.prefix)
+    }
+
+    /// Every shard's write log: the stream's subjects.
+    pub fn faq_logs(&self) -> String {
+        format!("{}.faq.log.>", self.prefix)
+    }
+
+    /// Queries for FAQ shard `shard`, answered by one of its serving replicas (queue group
+    /// [`Subjects::faq_group`]).
+    pub fn faq_search(&self, shard: u32) -> String {
+        format!("{}.faq.search.{shard}", self.prefix)
+    }
+
+    /// Queries for FAQ shard `shard` at one replica (hedged retries).
+    pub fn faq_search_at(&self, shard: u32, node: &str) -> String {
+        format!("{}.faq.search.{shard}.{node}", self.prefix)
+    }
+
+    pub fn faq_group(shard: u32) -> String {
+        format!("faq-{shard}")
+    }
+}
+
+/// 64-bit FNV-1a then a finaliser: stable across processes and versions (the same on
+/// every node), unlike std's hasher. Session affinity and shard placement use it.
+pub fn stable_hash(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.bytes().chain(std::iter::once(0xff)) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
 }
 
 /// Checks a cluster name or node id can be a NATS subject token.
@@ -73,14 +118,34 @@ pub struct NodeStatus {
     pub kv_cache_usage: f64,
     /// Tokens generated per second over the last interval.
     pub recent_tokens_per_s: f64,
+    /// FAQ entries in the shards this node holds (replicas counted on every holder).
     pub faq_documents: u64,
-    /// Last FAQ-log sequence applied to the local index.
+    /// The FAQ shards this node holds (cluster mode).
     #[serde(default)]
-    pub faq_log_applied: u64,
+    pub faq_shards: Vec<HeldShard>,
+    /// The cluster's FAQ shard count and replication factor, as this node is configured.
+    #[serde(default)]
+    pub faq_shard_count: u32,
+    #[serde(default)]
+    pub faq_replicas: u32,
     pub uptime_s: u64,
     pub version: String,
     /// Unix time of the status, milliseconds.
     pub sent_at_ms: u64,
+}
+
+/// One FAQ shard replica on a node.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeldShard {
+    pub shard: u32,
+    /// Answering queries: it had applied the shard's log as it stood when the node
+    /// took the shard.
+    pub serving: bool,
+    /// Stream sequence of the last write applied.
+    pub applied: u64,
+    /// Log messages still to apply (replay lag).
+    pub lag: u64,
+    pub documents: u64,
 }
 
 /// A member as this node sees it.
@@ -106,6 +171,16 @@ impl ClusterView {
     fn observe_at(&self, status: NodeStatus, at: Instant) {
         let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
         nodes.insert(status.id.clone(), (status, at));
+    }
+
+    /// Calls `f` with each live member's status (no copies).
+    pub fn for_each_live(&self, mut f: impl FnMut(&NodeStatus)) {
+        let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        for (s, at) in nodes.values() {
+            if at.elapsed() < NODE_TIMEOUT {
+                f(s);
+            }
+        }
     }
 
     /// Whether `id` was heard from within [`NODE_TIMEOUT`] (cheap: no copies).
@@ -161,6 +236,9 @@ pub struct Membership {
     pub subjects: Subjects,
     pub view: Arc<ClusterView>,
     pub client: async_nats::Client,
+    /// Wakes the status publisher ahead of its tick (a shard started serving, a write
+    /// was applied: others wait for that).
+    publish_now: tokio::sync::Notify,
 }
 
 impl Membership {
@@ -185,14 +263,24 @@ impl Membership {
                 }
             });
         }
-        let m = Arc::new(Self { node_id: node_id.to_string(), cluster: cluster.to_string(), subjects, view, client });
+        let m = Arc::new(Self {
+            node_id: node_id.to_string(),
+            cluster: cluster.to_string(),
+            subjects,
+            view,
+            client,
+            publish_now: tokio::sync::Notify::new(),
+        });
         {
             let m = m.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(STATUS_INTERVAL);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
-                    tick.tick().await;
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = m.publish_now.notified() => {}
+                    }
                     let mut s = status();
                     s.sent_at_ms =
                         SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
@@ -207,6 +295,13 @@ impl Membership {
             });
         }
         Ok(m)
+    }
+}
+
+impl Membership {
+    /// Publishes this node's status now rather than at the next tick.
+    pub fn publish_soon(&self) {
+        self.publish_now.notify_one();
     }
 }
 

@@ -5,7 +5,9 @@
 //! - `POST /v1/admin/faq/search` `{"query", "k", "category", "lang"}`;
 //! - `GET /v1/admin/faq/stats`.
 //!
-//! Every write clears the apps' hot-answer caches (the shard clears its own).
+//! Every write clears the apps' hot-answer caches (the shard clears its own). In a cluster
+//! a write is answered once the FAQ log stored it (`visible`: every serving replica of
+//! its shards applied it within 5 s); searches answer `partial` when a shard did not.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -13,12 +15,9 @@ use ragnode_retrieval::{FaqEntry, SearchOptions};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use std::time::Duration;
-
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::state::SharedState;
-use crate::cluster::faqlog::FaqOp;
 
 /// Most entries in one upsert.
 const MAX_BATCH: usize = 10_000;
@@ -45,11 +44,6 @@ fn clear_app_caches(state: &SharedState) {
     }
 }
 
-/// Runs blocking index work off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(format!("index task failed: {e}")))?
-}
-
 pub async fn upsert(
     State(state): State<SharedState>,
     ApiJson(req): ApiJson<UpsertRequest>,
@@ -60,50 +54,20 @@ pub async fn upsert(
     for (i, e) in req.entries.iter().enumerate() {
         e.validate().map_err(|err| ApiError::invalid_param("entries", format!("entries[{i}] ({:?}): {err}", e.id)))?;
     }
-    let n = req.entries.len();
-    if let Some(log) = state.faq_log.get() {
-        // Cluster: acknowledged once the log stored it; every node applies it.
-        let seq = log
-            .append(FaqOp::Upsert { entries: req.entries })
-            .await
-            .map_err(|e| ApiError::not_ready(format!("the FAQ log is unavailable: {e:#}")))?;
-        let applied = log.wait_applied(seq, Duration::from_secs(5)).await;
-        return Ok(Json(json!({ "upserted": n, "log_sequence": seq, "applied_here": applied })));
-    }
-    let shard = state.shard()?.clone();
-    let opstamp =
-        blocking(move || shard.upsert(&req.entries).map_err(|e| ApiError::internal(format!("indexing failed: {e}"))))
-            .await?;
+    let out = state.faq()?.upsert(req.entries).await?;
     clear_app_caches(&state);
-    Ok(Json(json!({ "upserted": n, "opstamp": opstamp })))
+    Ok(Json(out))
 }
 
 pub async fn delete(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    if let Some(log) = state.faq_log.get() {
-        if state.shard()?.get(&id).map_err(|e| ApiError::internal(e.to_string()))?.is_none() {
-            return Err(ApiError::not_found("faq_not_found", format!("no FAQ entry {id:?}")));
-        }
-        let seq = log
-            .append(FaqOp::Delete { ids: vec![id.clone()] })
-            .await
-            .map_err(|e| ApiError::not_ready(format!("the FAQ log is unavailable: {e:#}")))?;
-        let applied = log.wait_applied(seq, Duration::from_secs(5)).await;
-        return Ok(Json(json!({ "deleted": id, "log_sequence": seq, "applied_here": applied })));
-    }
-    let shard = state.shard()?.clone();
-    let id2 = id.clone();
-    let found =
-        blocking(move || shard.delete(&id2).map_err(|e| ApiError::internal(format!("delete failed: {e}")))).await?;
-    if !found {
-        return Err(ApiError::not_found("faq_not_found", format!("no FAQ entry {id:?}")));
-    }
+    let out = state.faq()?.delete(&id).await?;
+    let out = out.ok_or_else(|| ApiError::not_found("faq_not_found", format!("no FAQ entry {id:?}")))?;
     clear_app_caches(&state);
-    Ok(Json(json!({ "deleted": id })))
+    Ok(Json(out))
 }
 
 pub async fn get(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Json<FaqEntry>, ApiError> {
-    let shard = state.shard()?;
-    match shard.get(&id).map_err(|e| ApiError::internal(format!("lookup failed: {e}")))? {
+    match state.faq()?.get(&id).await? {
         Some(e) => Ok(Json(e)),
         None => Err(ApiError::not_found("faq_not_found", format!("no FAQ entry {id:?}"))),
     }
@@ -123,12 +87,17 @@ pub async fn search(
     if k == 0 || k > 100 {
         return Err(ApiError::invalid_param("k", "k must be in 1..=100"));
     }
-    let shard = state.shard()?;
     let opts = SearchOptions { k, category: req.category, lang: req.lang };
-    let hits = shard.search(&req.query, &opts).map_err(|e| ApiError::internal(format!("search failed: {e}")))?;
-    Ok(Json(json!({ "hits": *hits })))
+    let t = std::time::Instant::now();
+    let found = state.faq()?.search(&req.query, &opts).await?;
+    Ok(Json(json!({
+        "hits": *found.hits,
+        "partial": !found.missing.is_empty(),
+        "missing_shards": found.missing,
+        "took_ms": t.elapsed().as_secs_f64() * 1e3,
+    })))
 }
 
 pub async fn stats(State(state): State<SharedState>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!(state.shard()?.stats())))
+    Ok(Json(state.faq()?.stats().await))
 }

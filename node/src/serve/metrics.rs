@@ -16,12 +16,14 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
     80.0,
 ];
-const RETRIEVAL_BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25];
+const RETRIEVAL_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
 
 /// Installs the global recorder (once per process).
 pub fn install() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full("ragnode:retrieval_latency_seconds".into()), RETRIEVAL_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Prefix("ragnode:faq_".into()), RETRIEVAL_BUCKETS)?
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
         .install_recorder()?;
     describe();
@@ -45,7 +47,21 @@ fn describe() {
     describe_counter!("ragnode:answer_cache_hits_total", "Hot-answer cache hits.");
     describe_counter!("ragnode:answer_cache_misses_total", "Hot-answer cache misses.");
     describe_gauge!("ragnode:faq_search_cache_hit_ratio", "FAQ shard search-cache hits / lookups.");
-    describe_gauge!("ragnode:faq_documents", "FAQ entries in the shard.");
+    describe_gauge!("ragnode:faq_documents", "FAQ entries in the shard(s) held here.");
+    describe_gauge!("ragnode:faq_shard_replay_lag", "Cluster: FAQ-log messages a held shard has still to apply.");
+    describe_gauge!("ragnode:faq_shard_applied_sequence", "Cluster: last FAQ-log sequence a held shard applied.");
+    describe_gauge!("ragnode:faq_shard_serving", "Cluster: 1 when a held shard answers queries (caught up).");
+    describe_histogram!(
+        "ragnode:faq_search_seconds",
+        "Cluster: distributed FAQ search time (both phases, all shards)."
+    );
+    describe_histogram!(
+        "ragnode:faq_shard_phase_seconds",
+        "Cluster: time for every shard to answer one search phase (stats, search)."
+    );
+    describe_counter!("ragnode:faq_shard_hedges_total", "Cluster: shard requests re-sent to the other replicas.");
+    describe_counter!("ragnode:faq_shard_failures_total", "Cluster: shard requests no replica answered in time.");
+    describe_counter!("ragnode:faq_search_partial_total", "Cluster: searches answered without every shard.");
     describe_gauge!("ragnode:conversations", "Conversations kept server-side.");
 }
 
@@ -103,10 +119,20 @@ pub fn render(state: &AppState) -> String {
     metrics::counter!("ragnode:answer_cache_hits_total").absolute(hits);
     metrics::counter!("ragnode:answer_cache_misses_total").absolute(misses);
     metrics::gauge!("ragnode:answer_cache_hit_ratio").set(ratio(hits, misses));
-    if let Some(shard) = state.shard.get() {
+    if let Some(super::faqindex::FaqIndex::Local(shard)) = state.faq.get() {
         let st = shard.stats();
         metrics::gauge!("ragnode:faq_search_cache_hit_ratio").set(ratio(st.cache_hits, st.cache_misses));
         metrics::gauge!("ragnode:faq_documents").set(st.num_docs as f64);
+    }
+    if let Some(shards) = state.faq_shards.get() {
+        let held = shards.statuses();
+        metrics::gauge!("ragnode:faq_documents").set(held.iter().map(|h| h.documents).sum::<u64>() as f64);
+        for h in held {
+            let shard = h.shard.to_string();
+            metrics::gauge!("ragnode:faq_shard_replay_lag", "shard" => shard.clone()).set(h.lag as f64);
+            metrics::gauge!("ragnode:faq_shard_applied_sequence", "shard" => shard.clone()).set(h.applied as f64);
+            metrics::gauge!("ragnode:faq_shard_serving", "shard" => shard).set(if h.serving { 1.0 } else { 0.0 });
+        }
     }
     metrics::gauge!("ragnode:conversations").set(state.conversations.len() as f64);
     state.prometheus.run_upkeep();

@@ -22,6 +22,7 @@ pub mod auth;
 pub mod dify;
 pub mod error;
 pub mod extract;
+pub mod faqindex;
 pub mod metrics;
 pub mod openai;
 pub mod rag;
@@ -83,7 +84,7 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
     let state: SharedState = Arc::new(AppState {
         model_id,
         engine: OnceLock::new(),
-        shard: OnceLock::new(),
+        faq: OnceLock::new(),
         default_app: cfg.apps[0].name.clone(),
         apps,
         keys: auth::KeyRing::new(&cfg.auth),
@@ -95,7 +96,7 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
         http_addr: OnceLock::new(),
         membership: OnceLock::new(),
         router: OnceLock::new(),
-        faq_log: OnceLock::new(),
+        faq_shards: OnceLock::new(),
         cfg,
     });
     let listener = tokio::net::TcpListener::bind(state.cfg.listen)
@@ -114,8 +115,11 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
         let _ = state.membership.set(m.clone());
         let _ = state.router.set(Arc::new(routing::Router { membership: m.clone(), model_id: state.model_id.clone() }));
         let weak = Arc::downgrade(&state);
-        routing::serve_remote(m, state.model_id.clone(), move || weak.upgrade().and_then(|s| s.engine.get().cloned()))
-            .await?;
+        routing::serve_remote(m.clone(), state.model_id.clone(), move || {
+            weak.upgrade().and_then(|s| s.engine.get().cloned())
+        })
+        .await?;
+        start_faq_shards(&state, m).await?;
         tracing::info!(cluster = %state.cfg.cluster.name, node = %state.node_id, nats = %url, "joined the cluster");
     }
     // Tests and scripts wait for this line (stderr) to learn the port.
@@ -137,7 +141,7 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
         res = &mut server => return res.context("server task")?.context("serving HTTP"),
         loaded = loader => {
             let shard = loaded.context("loader task")??;
-            join_faq_log(&state, shard).await?;
+            open_faq(&state, shard).await?;
             eprintln!("ragnode ready: model {} on http://{addr}", state.model_id);
         }
     }
@@ -160,7 +164,7 @@ fn local_status(state: &AppState, recent: &std::sync::Mutex<(u64, Instant)>) -> 
             a.sort();
             a
         },
-        ready: state.engine.get().is_some() && state.shard.get().is_some(),
+        ready: state.engine.get().is_some() && state.faq.get().is_some(),
         uptime_s: state.started.elapsed().as_secs(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         ..Default::default()
@@ -178,22 +182,32 @@ fn local_status(state: &AppState, recent: &std::sync::Mutex<(u64, Instant)>) -> 
         }
         *r = (st.generation_tokens.max(1), Instant::now());
     }
-    if let Some(shard) = state.shard.get() {
+    if let Some(shards) = state.faq_shards.get() {
+        s.faq_shards = shards.statuses();
+        s.faq_documents = s.faq_shards.iter().map(|h| h.documents).sum();
+        s.faq_shard_count = shards.shards();
+        s.faq_replicas = state.cfg.cluster.faq_replicas;
+    } else if let Some(faqindex::FaqIndex::Local(shard)) = state.faq.get() {
         s.faq_documents = shard.stats().num_docs;
     }
-    s.faq_log_applied = state.faq_log.get().map_or(0, |l| l.applied());
     s
 }
 
 /// `GET /v1/cluster`: the nodes this node sees (itself alone without NATS).
 async fn cluster_view(State(state): State<SharedState>) -> axum::Json<serde_json::Value> {
     match state.membership.get() {
-        Some(m) => axum::Json(json!({
-            "mode": "cluster",
-            "cluster": m.cluster,
-            "node_id": state.node_id,
-            "nodes": m.view.live(),
-        })),
+        Some(m) => {
+            let nodes = m.view.live();
+            let c = &state.cfg.cluster;
+            let shards = crate::cluster::placement::shard_table(&nodes, c.faq_shards, c.faq_replicas);
+            axum::Json(json!({
+                "mode": "cluster",
+                "cluster": m.cluster,
+                "node_id": state.node_id,
+                "nodes": nodes,
+                "faq": { "shards": c.faq_shards, "replicas": c.faq_replicas, "table": shards },
+            }))
+        }
         None => {
             let recent = std::sync::Mutex::new((0u64, Instant::now()));
             axum::Json(json!({
@@ -205,16 +219,21 @@ async fn cluster_view(State(state): State<SharedState>) -> axum::Json<serde_json
     }
 }
 
-/// Loads the model, starts the engine, opens (and seeds) the FAQ shard.
-/// The shard is returned, not yet published in the state: in a cluster it serves only
-/// once it has caught up with the FAQ log.
-fn load(state: &AppState, model_spec: &str) -> Result<Arc<FaqShard>> {
+/// Loads the model, starts the engine and, alone, opens (and seeds) the FAQ shard. The
+/// shard is returned, not yet published in the state (see [`open_faq`]); in a cluster
+/// there is none (the shards placed here are held by `FaqShards`).
+fn load(state: &AppState, model_spec: &str) -> Result<Option<Arc<FaqShard>>> {
     let cfg = &state.cfg;
+    let shard = if cfg.cluster.nats.is_none() { Some(open_local_faq(cfg)?) } else { None };
+    load_engine(state, model_spec)?;
+    Ok(shard)
+}
+
+/// The single node's FAQ shard, seeded when empty.
+fn open_local_faq(cfg: &ServeConfig) -> Result<Arc<FaqShard>> {
     let shard = FaqShard::open(&cfg.faq_index, &ShardConfig::default())
         .with_context(|| format!("opening the FAQ index {}", cfg.faq_index.display()))?;
-    // In a cluster the seed goes through the FAQ log instead (see `join_faq_log`).
     if let Some(seed) = &cfg.faq_seed
-        && cfg.cluster.nats.is_none()
         && shard.stats().num_docs == 0
     {
         let format = Format::from_path(seed)
@@ -233,8 +252,11 @@ fn load(state: &AppState, model_spec: &str) -> Result<Arc<FaqShard>> {
         }
         tracing::info!(rows = report.committed, rejected = report.rejected.len(), file = %seed.display(), "FAQ seeded");
     }
-    let shard = Arc::new(shard);
+    Ok(Arc::new(shard))
+}
 
+fn load_engine(state: &AppState, model_spec: &str) -> Result<()> {
+    let cfg = &state.cfg;
     let t = Instant::now();
     let loaded =
         load_model(model_spec, &LoadOptions::default()).with_context(|| format!("loading model `{model_spec}`"))?;
@@ -250,17 +272,14 @@ fn load(state: &AppState, model_spec: &str) -> Result<Arc<FaqShard>> {
     let engine = Engine::start(loaded.model, loaded.tokenizer, engine_cfg).context("starting the engine")?;
     tracing::info!(load_ms = t.elapsed().as_millis() as u64, context = engine.context_limit(), "model loaded");
     let _ = state.engine.set(engine);
-    Ok(shard)
+    Ok(())
 }
 
-/// Cluster mode: seeds an empty FAQ log, starts applying the log to the local shard and
-/// waits until it has caught up (then the shard serves).
-async fn join_faq_log(state: &SharedState, shard: Arc<FaqShard>) -> Result<()> {
-    let Some(m) = state.membership.get() else {
-        let _ = state.shard.set(shard);
-        return Ok(());
-    };
-    let log = Arc::new(crate::cluster::faqlog::FaqLog::open(m.client.clone(), &m.cluster).await?);
+/// Cluster mode, at join: opens the FAQ log (seeding it when empty) and starts holding
+/// the shards placed on this node, so they replay while the model loads.
+async fn start_faq_shards(state: &SharedState, m: Arc<crate::cluster::Membership>) -> Result<()> {
+    let c = &state.cfg.cluster;
+    let log = Arc::new(crate::cluster::faqlog::FaqLog::open(m.client.clone(), &m.cluster, c.faq_shards).await?);
     if let Some(seed) = &state.cfg.faq_seed
         && log.len().await? == 0
     {
@@ -269,22 +288,48 @@ async fn join_faq_log(state: &SharedState, shard: Arc<FaqShard>) -> Result<()> {
         log.append(crate::cluster::faqlog::FaqOp::Upsert { entries }).await?;
         tracing::info!(rows = n, file = %seed.display(), "FAQ log seeded");
     }
-    let target = log.len().await?;
     let weak = Arc::downgrade(state);
-    log.spawn_applier(shard.clone(), move || {
-        if let Some(st) = weak.upgrade() {
-            for app in st.apps.values() {
-                app.clear_cache();
+    let shards =
+        crate::cluster::faqshards::FaqShards::start(m, log, state.cfg.faq_index.clone(), c.faq_replicas, move || {
+            if let Some(st) = weak.upgrade() {
+                for app in st.apps.values() {
+                    app.clear_cache();
+                }
             }
-        }
-    })
-    .await?;
-    if !log.wait_applied(target, std::time::Duration::from_secs(120)).await {
-        anyhow::bail!("the FAQ log did not catch up within 120 s (applied {} of {target})", log.applied());
+        });
+    let _ = state.faq_shards.set(shards);
+    Ok(())
+}
+
+/// Publishes the FAQ: the local shard, or — in a cluster — distributed search once the
+/// shards placed here serve.
+async fn open_faq(state: &SharedState, local: Option<Arc<FaqShard>>) -> Result<()> {
+    if let Some(shard) = local {
+        let _ = state.faq.set(faqindex::FaqIndex::Local(shard));
+        return Ok(());
     }
-    tracing::info!(applied = log.applied(), "FAQ log caught up");
-    let _ = state.faq_log.set(log);
-    let _ = state.shard.set(shard);
+    let (Some(m), Some(shards)) = (state.membership.get(), state.faq_shards.get()) else {
+        anyhow::bail!("cluster mode without a membership");
+    };
+    let t = Instant::now();
+    let limit = std::time::Duration::from_secs(state.cfg.cluster.catch_up_timeout_secs);
+    // Placement starts after one status round; then the shards placed here replay.
+    tokio::time::sleep(crate::cluster::STATUS_INTERVAL * 2).await;
+    while !shards.placed_shards_serving() {
+        if t.elapsed() > limit {
+            anyhow::bail!("the FAQ shards placed on this node did not catch up with the log within {limit:?}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tracing::info!(held = ?shards.statuses().iter().map(|h| h.shard).collect::<Vec<_>>(), "FAQ shards caught up");
+    let c = &state.cfg.cluster;
+    let search = crate::cluster::search::ClusterSearch::new(
+        m.clone(),
+        shards.clone(),
+        std::time::Duration::from_millis(c.shard_timeout_ms),
+        std::time::Duration::from_millis(c.hedge_after_ms),
+    );
+    let _ = state.faq.set(faqindex::FaqIndex::Cluster(Arc::new(search)));
     Ok(())
 }
 
@@ -438,7 +483,7 @@ async fn healthz() -> &'static str {
 
 async fn readyz(State(state): State<SharedState>) -> Response {
     let model = state.engine.get().is_some();
-    let index = state.shard.get().is_some();
+    let index = state.faq.get().is_some();
     let body = json!({
         "ready": model && index,
         "model": { "id": state.model_id, "loaded": model },

@@ -9,13 +9,12 @@ use std::collections::VecDeque;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use lru::LruCache;
 use minijinja::Environment;
 use ragnode_models::tokenizer::ChatMessage;
+use ragnode_retrieval::FaqHit;
 use ragnode_retrieval::cache::{CacheCounters, HotAnswerCache, normalize_question};
-use ragnode_retrieval::{FaqHit, FaqShard, SearchOptions};
 use serde::Serialize;
 
 use super::error::ApiError;
@@ -117,25 +116,23 @@ impl RagApp {
     }
 
     /// Decides how to answer `question` after `history` (earlier turns, oldest first)
-    /// from the FAQ. Returns the plan and the retrieval time.
+    /// from its FAQ `hits` (the app's `top_k`, best first; `partial` when some FAQ shard
+    /// did not answer: such an answer is not cached), searched in cache epoch `epoch`
+    /// (read before the search).
     pub fn plan(
         &self,
-        shard: &FaqShard,
+        hits: &[FaqHit],
+        partial: bool,
+        epoch: u64,
         question: &str,
         history: &[ChatMessage],
-    ) -> Result<(RagPlan, Duration), ApiError> {
+    ) -> Result<RagPlan, ApiError> {
         Self::check_question(question)?;
         // (The caller looks in the cache first: see `AppState::start_rag`.)
         let first_turn = history.is_empty();
-        let epoch = self.epoch();
-        let t = Instant::now();
-        let hits = shard
-            .search(question, &SearchOptions { k: self.cfg.top_k, ..SearchOptions::default() })
-            .map_err(|e| ApiError::internal(format!("FAQ search failed: {e}")))?;
-        let took = t.elapsed();
         let hits: Vec<&FaqHit> = hits.iter().filter(|h| h.confidence >= self.cfg.min_confidence).collect();
         let sources: Arc<Vec<Source>> = Arc::new(hits.iter().map(|h| Source::from(*h)).collect());
-        let cache_key = (first_turn && self.cfg.cache).then(|| normalize_question(question));
+        let cache_key = (first_turn && self.cfg.cache && !partial).then(|| normalize_question(question));
 
         if let Some(top) = hits.first()
             && self.cfg.direct_answer
@@ -146,12 +143,12 @@ impl RagApp {
             if let Some(key) = cache_key {
                 self.store(key, text.clone(), sources.clone(), epoch);
             }
-            return Ok((RagPlan::Answer { text, sources, cache_hit: false }, took));
+            return Ok(RagPlan::Answer { text, sources, cache_hit: false });
         }
         if hits.is_empty()
             && let Some(text) = &self.cfg.no_answer
         {
-            return Ok((RagPlan::Answer { text: text.clone(), sources, cache_hit: false }, took));
+            return Ok(RagPlan::Answer { text: text.clone(), sources, cache_hit: false });
         }
 
         let faq_answer = hits
@@ -175,7 +172,7 @@ impl RagApp {
         messages.push(ChatMessage::user(prompt));
         let suffix = (!sources.is_empty()).then(|| format!("\n\n{}", source_line(&sources)));
         let cache_key = cache_key.map(|k| (k, epoch));
-        Ok((RagPlan::Generate { messages, sources, suffix, cache_key }, took))
+        Ok(RagPlan::Generate { messages, sources, suffix, cache_key })
     }
 
     /// Remembers a complete first-turn answer computed in cache epoch `epoch` (dropped if

@@ -99,21 +99,6 @@ pub struct Router {
     pub model_id: String,
 }
 
-/// 64-bit FNV-1a then a finaliser: stable across processes and versions (the same on
-/// every node), unlike std's hasher.
-fn stable_hash(parts: &[&str]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for p in parts {
-        for b in p.bytes().chain(std::iter::once(0xff)) {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^ (h >> 33)
-}
-
 fn saturated(m: &Member) -> bool {
     m.status.waiting > 0 || m.status.kv_cache_usage >= 0.9
 }
@@ -129,7 +114,7 @@ pub fn order_candidates(nodes: &[Member], key: Option<&str>, me: &str) -> Vec<St
     let mut v: Vec<&Member> = nodes.iter().collect();
     match key {
         Some(k) => {
-            v.sort_by_key(|m| std::cmp::Reverse(stable_hash(&[k, &m.status.id])));
+            v.sort_by_key(|m| std::cmp::Reverse(crate::cluster::stable_hash(&[k, &m.status.id])));
             if v.first().is_some_and(|m| saturated(m))
                 && let Some((i, _)) = v.iter().enumerate().filter(|(_, m)| !saturated(m)).min_by_key(|(_, m)| load(m))
             {

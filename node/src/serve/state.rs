@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use metrics_exporter_prometheus::PrometheusHandle;
 use ragnode_inference::{EngineHandle, GenerationRequest, SamplingParams};
 use ragnode_models::tokenizer::ChatMessage;
-use ragnode_retrieval::FaqShard;
+use ragnode_retrieval::SearchOptions;
 
 use std::collections::VecDeque;
 
@@ -15,6 +15,7 @@ use super::answer::{AnswerStream, Redispatch, TokenSource, dispatch};
 use super::audit::{AuditCell, AuditSink};
 use super::auth::KeyRing;
 use super::error::ApiError;
+use super::faqindex::FaqIndex;
 use super::rag::{ConversationStore, RagApp, RagPlan};
 use super::routing::{Placement, RemoteRequest, Router};
 use crate::config::ServeConfig;
@@ -27,8 +28,9 @@ pub struct AppState {
     pub model_id: String,
     /// Set once the model is loaded and the engine runs.
     pub engine: OnceLock<EngineHandle>,
-    /// Set once the FAQ shard is open (and seeded).
-    pub shard: OnceLock<Arc<FaqShard>>,
+    /// Set once the FAQ is searchable: the local shard open (and seeded), or, in a
+    /// cluster, the shards placed here caught up.
+    pub faq: OnceLock<FaqIndex>,
     pub apps: HashMap<String, Arc<RagApp>>,
     /// The app `/v1/chat-messages` and the web page use by default (the first configured).
     pub default_app: String,
@@ -45,8 +47,8 @@ pub struct AppState {
     pub membership: OnceLock<Arc<crate::cluster::Membership>>,
     /// Set with the membership: places generations on the cluster's nodes.
     pub router: OnceLock<Arc<Router>>,
-    /// Cluster mode: the FAQ write log this node applies (FAQ writes go through it).
-    pub faq_log: OnceLock<Arc<crate::cluster::faqlog::FaqLog>>,
+    /// Cluster mode: the FAQ shards this node holds (set at join, before they catch up).
+    pub faq_shards: OnceLock<Arc<crate::cluster::faqshards::FaqShards>>,
 }
 
 /// Generation settings from a request, before they meet the prompt.
@@ -62,8 +64,8 @@ impl AppState {
         self.engine.get().ok_or_else(|| ApiError::not_ready("the model is still loading; retry shortly"))
     }
 
-    pub fn shard(&self) -> Result<&Arc<FaqShard>, ApiError> {
-        self.shard.get().ok_or_else(|| ApiError::not_ready("the FAQ index is still opening; retry shortly"))
+    pub fn faq(&self) -> Result<&FaqIndex, ApiError> {
+        self.faq.get().ok_or_else(|| ApiError::not_ready("the FAQ index is still opening; retry shortly"))
     }
 
     pub fn app(&self, name: &str) -> Result<&Arc<RagApp>, ApiError> {
@@ -207,9 +209,12 @@ impl AppState {
                 .with_audit(audit)
                 .served_by(self.node_id.clone()));
         }
-        let shard = self.shard()?;
-        let (plan, took) = app.plan(shard, question, history)?;
-        super::metrics::retrieval_latency(took);
+        let epoch = app.epoch();
+        let t = Instant::now();
+        let found =
+            self.faq()?.search(question, &SearchOptions { k: app.cfg.top_k, ..SearchOptions::default() }).await?;
+        super::metrics::retrieval_latency(t.elapsed());
+        let plan = app.plan(&found.hits, !found.missing.is_empty(), epoch, question, history)?;
         match plan {
             RagPlan::Answer { text, sources, cache_hit } => {
                 Ok(AnswerStream::known(text, sources, cache_hit).with_audit(audit).served_by(self.node_id.clone()))
