@@ -118,8 +118,13 @@ impl ServeProcess {
     /// As [`start`](Self::start), with the FAQ index in `dir/index` (kept, so a node can be
     /// restarted on it).
     pub fn start_in(dir: &std::path::Path, extra: &[&str]) -> ServeProcess {
-        use std::io::BufRead;
         let faq = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/faq-demo.jsonl");
+        Self::start_seeded(dir, &faq, extra)
+    }
+
+    /// As [`start_in`](Self::start_in), seeded from the FAQ file `faq` (JSONL).
+    pub fn start_seeded(dir: &std::path::Path, faq: &std::path::Path, extra: &[&str]) -> ServeProcess {
+        use std::io::BufRead;
         let mut child = std::process::Command::new(ragnode_bin())
             .args(["serve", "--listen", "127.0.0.1:0", "--threads", "2", "--audit-log", "off"])
             .arg("--model")

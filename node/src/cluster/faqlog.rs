@@ -32,6 +32,9 @@ pub enum FaqOp {
     Delete { ids: Vec<String> },
 }
 
+/// An applier that has heard nothing for this long checks the log has nothing for it.
+const STALL_CHECK: Duration = Duration::from_secs(2);
+
 /// Most entries in one log message (JetStream's default max payload is 1 MiB).
 const ENTRIES_PER_MESSAGE: usize = 200;
 
@@ -202,13 +205,27 @@ impl FaqLog {
             .map_err(|e| anyhow::anyhow!("creating the log consumer: {e}"))?;
         let mut messages = consumer.messages().await.map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut staged = 0usize;
-        while let Some(msg) = messages.next().await {
-            let msg = msg.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut received = from.saturating_sub(1);
+        loop {
+            let msg = match tokio::time::timeout(STALL_CHECK, messages.next()).await {
+                Ok(Some(msg)) => msg.map_err(|e| anyhow::anyhow!("{e}"))?,
+                Ok(None) => return Ok(()),
+                // Quiet: make sure the log is quiet too. A consumer can miss the restart of
+                // a NATS server and wait forever; a new one starts where this one stopped.
+                Err(_) => {
+                    let last = self.last_seq(shard_no).await?;
+                    if last > received {
+                        anyhow::bail!("the log consumer stalled at {received} (log at {last}); recreating it");
+                    }
+                    continue;
+                }
+            };
             let (seq, pending) = {
                 let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
                 (info.stream_sequence, info.pending)
             };
             progress.lag.store(pending, Ordering::Relaxed);
+            received = seq;
             match serde_json::from_slice::<FaqOp>(&msg.payload) {
                 Ok(FaqOp::Upsert { entries }) => {
                     for e in &entries {
@@ -239,7 +256,6 @@ impl FaqLog {
                 on_commit();
             }
         }
-        Ok(())
     }
 }
 

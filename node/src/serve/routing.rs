@@ -38,6 +38,10 @@ pub const ACK_EVERY: u64 = 32;
 pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a runner waits for acknowledgements before giving the request up.
 const ACK_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often a runner tells the receiver it is still on the request.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Silence after which a receiver gives a remote run up.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Subjects of remote generation.
 pub fn gen_subject(cluster: &str, node: &str) -> String {
@@ -76,6 +80,12 @@ pub enum RemoteReply {
     Event {
         seq: u64,
         event: StreamEvent,
+    },
+    /// Every [`HEARTBEAT`] while the run lasts (queued or generating): `sent` events so
+    /// far. Core NATS drops messages across a server restart; the receiver notices a gap
+    /// (`sent` ahead of what it got) or silence ([`STALL_TIMEOUT`]) instead of waiting.
+    Heartbeat {
+        sent: u64,
     },
 }
 
@@ -171,6 +181,7 @@ impl Router {
                 Ok(Some(RemoteStream {
                     sub,
                     liveness: liveness_check(),
+                    last_heard: tokio::time::Instant::now(),
                     membership: m.clone(),
                     node: node.to_string(),
                     request_id: req.request_id.clone(),
@@ -212,6 +223,8 @@ pub struct RemoteStream {
     sub: async_nats::Subscriber,
     /// When to look whether the runner is still in the cluster view (not per event).
     liveness: tokio::time::Interval,
+    /// When the runner was last heard from (event or heartbeat).
+    last_heard: tokio::time::Instant,
     membership: Arc<Membership>,
     pub node: String,
     request_id: String,
@@ -239,7 +252,13 @@ impl RemoteStream {
                     let Some(msg) = msg else {
                         return Ok(Some(self.fail("the cluster connection closed")));
                     };
+                    self.last_heard = tokio::time::Instant::now();
                     match serde_json::from_slice::<RemoteReply>(&msg.payload) {
+                        Ok(RemoteReply::Heartbeat { sent }) => {
+                            if sent > self.next_seq {
+                                return self.lost(&format!("events from node {} were lost", self.node)).await;
+                            }
+                        }
                         Ok(RemoteReply::Event { seq, event }) => {
                             if seq != self.next_seq {
                                 return Ok(Some(self.fail(&format!("events from node {} arrived out of order", self.node))));
@@ -259,6 +278,9 @@ impl RemoteStream {
                     }
                 }
                 _ = self.liveness.tick() => {
+                    if self.last_heard.elapsed() > STALL_TIMEOUT {
+                        return self.lost(&format!("node {} went silent mid-answer", self.node)).await;
+                    }
                     if !self.membership.view.is_live(&self.node) {
                         if self.tokens == 0 {
                             self.done = true;
@@ -269,6 +291,18 @@ impl RemoteStream {
                 }
             }
         }
+    }
+
+    /// The runner is alive but the stream broke: stop it there, and re-dispatch if no
+    /// token was sent yet.
+    async fn lost(&mut self, why: &str) -> Result<Option<StreamEvent>, RemoteEnd> {
+        tracing::warn!(node = %self.node, request_id = %self.request_id, "{why}");
+        self.control(Control::Cancel { request_id: self.request_id.clone() }).await;
+        if self.tokens == 0 {
+            self.done = true;
+            return Err(RemoteEnd::LostBeforeFirstToken);
+        }
+        Ok(Some(self.fail(why)))
     }
 
     fn fail(&mut self, why: &str) -> StreamEvent {
@@ -401,6 +435,7 @@ where
 {
     let mut seq = 0u64;
     let mut acked = 0u64;
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
     loop {
         // Wait for room in the window (or a cancel).
         while seq - acked >= WINDOW {
@@ -415,6 +450,10 @@ where
                 Some(Control::Ack { seq: s, .. }) => { acked = acked.max(s); continue; }
                 Some(Control::Cancel { .. }) | None => return,
             },
+            _ = heartbeat.tick() => {
+                send(RemoteReply::Heartbeat { sent: seq }).await;
+                continue;
+            }
         };
         let Some(event) = ev else { return };
         let last = matches!(event, StreamEvent::Finished { .. });
