@@ -5,16 +5,15 @@
 //! evaluation sets' FAQ entries plus generated bilingual entries up to N; the queries are
 //! the evaluation sets' queries.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Parser;
 use ragnode_retrieval::ingest::{FieldMapping, Format, IngestOptions, ingest_file};
 use ragnode_retrieval::{FaqShard, SearchOptions, ShardConfig};
-use serde_json::{Value, json};
 
 #[derive(Parser)]
 #[command(about = "FAQ shard ingest and query speed at scale")]
@@ -28,40 +27,9 @@ struct Cli {
     threads: usize,
 }
 
-fn lines(path: &std::path::Path) -> Result<Vec<Value>> {
-    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    std::io::BufReader::new(f).lines().map(|l| Ok(serde_json::from_str(&l?)?)).collect()
-}
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let (mut faq, mut queries) = (Vec::new(), Vec::new());
-    for set in ["stackfaq", "bq"] {
-        faq.extend(lines(&cli.datasets.join(set).join("faq.jsonl"))?);
-        queries.extend(
-            lines(&cli.datasets.join(set).join("queries.jsonl"))?
-                .into_iter()
-                .filter_map(|q| q["query"].as_str().map(str::to_string)),
-        );
-    }
-    // Generated entries: recombined customer-service phrases, Chinese and English.
-    let zh_items = ["订单", "退款", "发票", "快递", "会员", "优惠券", "积分", "账号", "手机", "耳机", "冰箱", "外套"];
-    let zh_verbs = ["怎么取消", "多久到账", "如何修改", "为什么失败", "能否退换", "在哪里查询", "需要多久", "怎么申请"];
-    let en_items =
-        ["order", "refund", "invoice", "parcel", "membership", "coupon", "points", "account", "laptop", "jacket"];
-    let en_verbs = ["cancel", "track", "change", "return", "renew", "apply for", "pay for", "replace"];
-    let mut i = 0usize;
-    while faq.len() < cli.entries {
-        let e = if i.is_multiple_of(2) {
-            let (a, b) = (zh_items[i % zh_items.len()], zh_verbs[(i / 7) % zh_verbs.len()]);
-            json!({"id": format!("g{i}"), "question": format!("第{i}号{a}{b}？"), "answer": format!("关于{a}：请在我的订单页面操作，编号{i}。"), "lang": "zh"})
-        } else {
-            let (a, b) = (en_items[i % en_items.len()], en_verbs[(i / 7) % en_verbs.len()]);
-            json!({"id": format!("g{i}"), "question": format!("How do I {b} my {a} number {i}?"), "answer": format!("To {b} your {a}, open My Orders; reference {i}."), "lang": "en"})
-        };
-        faq.push(e);
-        i += 1;
-    }
+    let (faq, queries) = ragnode_benches::faq_corpus(&cli.datasets, cli.entries)?;
     let dir = std::env::temp_dir().join(format!("ragnode-faq-scale-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;

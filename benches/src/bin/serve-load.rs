@@ -12,6 +12,10 @@
 //!
 //!   cargo build --release -p ragnode -p ragnode-benches
 //!   target/release/serve-load [--streams 1000] [--cache-requests 50000] [--cache-concurrency 32]
+//!
+//! Cluster modes (start their own `nats-server`): `--forward-streams N` compares local and
+//! forwarded token streams; `--faq-cluster-entries 100000 [--faq-nodes 3]` times
+//! distributed FAQ searches (the evaluation queries of `--datasets`) over HTTP.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -58,6 +62,16 @@ struct Args {
     forward_streams: usize,
     #[arg(long, default_value_t = 64)]
     forward_tokens: usize,
+    /// Instead of the phases above: start nats-server and `--faq-nodes` nodes sharing a
+    /// FAQ of this many entries (8 shards x 2 replicas), and time distributed searches
+    /// of the evaluation queries over HTTP.
+    #[arg(long, default_value_t = 0)]
+    faq_cluster_entries: usize,
+    #[arg(long, default_value_t = 3)]
+    faq_nodes: usize,
+    /// The evaluation sets (`stackfaq`, `bq`).
+    #[arg(long, default_value = "../shared/datasets")]
+    datasets: PathBuf,
 }
 
 const KEY: &str = "sk-bench-0123456789";
@@ -84,8 +98,17 @@ fn start_node(args: &Args) -> Result<Node> {
     start_node_with(args, &[], "single")
 }
 
+fn demo_faq() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/faq-demo.jsonl")
+}
+
 /// Starts a node with `extra` flags; its files go to a temp dir named after `tag`.
 fn start_node_with(args: &Args, extra: &[&str], tag: &str) -> Result<Node> {
+    start_node_seeded(args, &demo_faq(), extra, tag)
+}
+
+/// As [`start_node_with`], seeding the FAQ from `faq`.
+fn start_node_seeded(args: &Args, faq: &std::path::Path, extra: &[&str], tag: &str) -> Result<Node> {
     use std::io::BufRead;
     let home = std::env::var("HOME").unwrap_or_default();
     let cache = std::env::var("RAGNODE_CACHE").unwrap_or_else(|_| format!("{home}/.cache/ragnode"));
@@ -93,7 +116,6 @@ fn start_node_with(args: &Args, extra: &[&str], tag: &str) -> Result<Node> {
         args.model.clone().unwrap_or_else(|| PathBuf::from(&cache).join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
     let dir = std::env::temp_dir().join(format!("ragnode-serve-load-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let faq = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/faq-demo.jsonl");
     let mut child = Command::new(&args.ragnode)
         .args(["serve", "--listen", "127.0.0.1:0", "--served-model-name", "smollm2", "--api-key", KEY])
         .arg("--threads")
@@ -103,7 +125,7 @@ fn start_node_with(args: &Args, extra: &[&str], tag: &str) -> Result<Node> {
         .arg("--faq-index")
         .arg(dir.join("index"))
         .arg("--faq-seed")
-        .arg(&faq)
+        .arg(faq)
         .arg("--audit-log")
         .arg(dir.join("audit.jsonl"))
         .args(["--max-waiting", &(args.streams + 64).to_string()])
@@ -342,18 +364,40 @@ async fn timed_stream(addr: &str, user: &str, max_tokens: usize) -> Result<(Stri
 }
 
 /// Local vs forwarded streams through one receiving node of a two-node cluster.
+/// A `nats-server -js` on a free port, stopped (and its store removed) on drop.
+struct Nats {
+    child: Child,
+    store: PathBuf,
+    url: String,
+}
+
+impl Nats {
+    fn start() -> Result<Nats> {
+        let store = std::env::temp_dir().join(format!("ragnode-serve-load-nats-{}", std::process::id()));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(&store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nats-server (apt-get install nats-server)")?;
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Nats { child, store, url: format!("nats://127.0.0.1:{port}") })
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
 fn forward_overhead(args: &Args) -> Result<()> {
-    let store = std::env::temp_dir().join(format!("ragnode-serve-load-nats-{}", std::process::id()));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut nats = Command::new("nats-server")
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(&store)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting nats-server (apt-get install nats-server)")?;
-    std::thread::sleep(Duration::from_millis(500));
-    let url = format!("nats://127.0.0.1:{port}");
+    let nats = Nats::start()?;
+    let url = nats.url.clone();
     let run = || -> Result<()> {
         let a = start_node_with(args, &["--nats", &url, "--cluster", "bench", "--node-id", "a"], "a")?;
         let _b = start_node_with(args, &["--nats", &url, "--cluster", "bench", "--node-id", "b"], "b")?;
@@ -405,17 +449,135 @@ fn forward_overhead(args: &Args) -> Result<()> {
             anyhow::Ok(())
         })
     };
-    let res = run();
-    let _ = nats.kill();
-    let _ = nats.wait();
-    let _ = std::fs::remove_dir_all(&store);
-    res
+    run()
+}
+
+const ADMIN_KEY: &str = "sk-bench-admin-0123456789";
+
+async fn get_json(addr: &str, path: &str) -> Result<Value> {
+    let mut c = connection(addr).await?;
+    let req = hyper::Request::get(path)
+        .header("host", addr)
+        .header("authorization", format!("Bearer {ADMIN_KEY}"))
+        .body(Full::new(Bytes::new()))?;
+    let res = c.send_request(req).await?;
+    Ok(serde_json::from_slice(&res.into_body().collect().await?.to_bytes())?)
+}
+
+/// Distributed FAQ search over `--faq-nodes` nodes and `--faq-cluster-entries` entries.
+fn faq_cluster_search(args: &Args) -> Result<()> {
+    let (faq, queries) = ragnode_benches::faq_corpus(&args.datasets, args.faq_cluster_entries)?;
+    let seed = std::env::temp_dir().join(format!("ragnode-serve-load-faq-{}.jsonl", std::process::id()));
+    std::fs::write(&seed, faq.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))?;
+    let nats = Nats::start()?;
+    let t = Instant::now();
+    let mut nodes = Vec::new();
+    for i in 0..args.faq_nodes {
+        let id = format!("n{i}");
+        let extra = ["--nats", &nats.url, "--cluster", "benchfaq", "--node-id", &id, "--admin-key", ADMIN_KEY];
+        nodes.push(start_node_seeded(args, &seed, &extra, &id)?);
+        if i == 0 {
+            // The first node seeds the log; the others find it full.
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    let _ = std::fs::remove_file(&seed);
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    rt.block_on(async {
+        let want = args.faq_nodes.min(2) as u64;
+        loop {
+            let v = get_json(&addrs[0], "/v1/cluster").await?;
+            let settled = v["nodes"].as_array().is_some_and(|n| n.len() == args.faq_nodes)
+                && v["faq"]["table"].as_array().is_some_and(|t| t.iter().all(|s| s["serving"] == want));
+            if settled {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(900) {
+                bail!("the cluster did not settle: {v}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        eprintln!("{} entries logged, replayed and served by {} nodes in {:.1} s", faq.len(), args.faq_nodes, t.elapsed().as_secs_f64());
+        println!(
+            "| nodes | entries | clients | queries | HTTP p50 ms | HTTP p99 ms | in-node search p50 ms | p99 ms | queries/s | partial |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|");
+        for clients in [1usize, 4] {
+            let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let queries = Arc::new(queries.clone());
+            let t = Instant::now();
+            let mut workers = Vec::new();
+            for _ in 0..clients {
+                let (next, queries, addrs) = (next.clone(), queries.clone(), addrs.clone());
+                workers.push(tokio::spawn(async move {
+                    let mut conns = Vec::new();
+                    for a in &addrs {
+                        conns.push(connection(a).await?);
+                    }
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= queries.len() {
+                            return anyhow::Ok(out);
+                        }
+                        let n = i % addrs.len();
+                        let body = json!({"query": queries[i], "k": 10});
+                        let req = hyper::Request::post("/v1/admin/faq/search")
+                            .header("host", &addrs[n])
+                            .header("content-type", "application/json")
+                            .header("authorization", format!("Bearer {ADMIN_KEY}"))
+                            .body(Full::new(Bytes::from(body.to_string())))?;
+                        let sent = Instant::now();
+                        let res = conns[n].send_request(req).await?;
+                        let status = res.status();
+                        let bytes = res.into_body().collect().await?.to_bytes();
+                        let took = sent.elapsed();
+                        if !status.is_success() {
+                            bail!("search failed: {status} {}", String::from_utf8_lossy(&bytes));
+                        }
+                        let v: Value = serde_json::from_slice(&bytes)?;
+                        let inner = Duration::from_secs_f64(v["took_ms"].as_f64().unwrap_or(0.0) / 1e3);
+                        out.push((took, inner, v["partial"] == true));
+                    }
+                }));
+            }
+            let mut all = Vec::new();
+            for w in workers {
+                all.extend(w.await??);
+            }
+            let wall = t.elapsed().as_secs_f64();
+            let mut http: Vec<Duration> = all.iter().map(|r| r.0).collect();
+            let mut inner: Vec<Duration> = all.iter().map(|r| r.1).collect();
+            http.sort();
+            inner.sort();
+            println!(
+                "| {} | {} | {clients} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {} |",
+                args.faq_nodes,
+                faq.len(),
+                all.len(),
+                pct(&http, 0.5),
+                pct(&http, 0.99),
+                pct(&inner, 0.5),
+                pct(&inner, 0.99),
+                all.len() as f64 / wall,
+                all.iter().filter(|r| r.2).count()
+            );
+        }
+        anyhow::Ok(())
+    })?;
+    drop(nodes);
+    drop(nats);
+    Ok(())
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
     if args.forward_streams > 0 {
         return forward_overhead(&args);
+    }
+    if args.faq_cluster_entries > 0 {
+        return faq_cluster_search(&args);
     }
     let node = match &args.url {
         Some(u) => {
