@@ -17,6 +17,14 @@ use serde_json::{Value, json};
 
 const ADMIN: &str = "sk-admin-test-123";
 
+/// The two tests run 7 nodes between them: one at a time, so that the kill test's 5 s
+/// limits measure the cluster, not two tests sharing two cores.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn cluster_flags<'a>(nats: &'a str, cluster: &'a str, id: &'a str) -> Vec<&'a str> {
     vec!["--nats", nats, "--cluster", cluster, "--node-id", id, "--admin-key", ADMIN]
 }
@@ -139,6 +147,7 @@ fn corpus(dir: &std::path::Path) -> (PathBuf, Vec<String>) {
 
 #[test]
 fn one_node_and_three_nodes_give_the_same_search_results() {
+    let _serial = one_at_a_time();
     let tmp = tempfile::tempdir().unwrap();
     let (seed, queries) = corpus(tmp.path());
     let nats = NatsServer::start();
@@ -190,6 +199,7 @@ fn spawn_named(name: &str, f: impl FnOnce() + Send + 'static) -> std::thread::Jo
 
 #[test]
 fn a_node_killed_under_load_loses_no_write_and_searches_stay_complete() {
+    let _serial = one_at_a_time();
     let mut nats = NatsServer::start();
     let url = nats.url();
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();

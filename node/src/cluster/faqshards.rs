@@ -303,3 +303,77 @@ impl FaqShards {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, question: &str, answer: &str) -> FaqEntry {
+        serde_json::from_value(serde_json::json!({"id": id, "question": question, "answer": answer})).unwrap()
+    }
+
+    /// Sends `req` through JSON both ways, as over NATS.
+    fn over_the_wire(index: &FaqShard, req: ShardRequest) -> ShardResult {
+        let req: ShardRequest = serde_json::from_slice(&serde_json::to_vec(&req).unwrap()).unwrap();
+        let a = ShardAnswer { node: "n".into(), shard: 0, result: answer(index, req) };
+        serde_json::from_slice::<ShardAnswer>(&serde_json::to_vec(&a).unwrap()).unwrap().result
+    }
+
+    #[test]
+    fn shards_answering_over_the_wire_rank_like_one_index() {
+        let root = std::env::temp_dir().join(format!("ragnode-faqshards-test-{}", std::process::id()));
+        let cfg = ShardConfig { cache_capacity: 0, ..ShardConfig::default() };
+        let whole = FaqShard::open(root.join("whole"), &cfg).unwrap();
+        let parts = [FaqShard::open(root.join("p0"), &cfg).unwrap(), FaqShard::open(root.join("p1"), &cfg).unwrap()];
+        let topics = ["退货", "退款", "发票", "快递", "会员"];
+        let mut entries = Vec::new();
+        for i in 0..60 {
+            let t = topics[i % topics.len()];
+            entries.push(entry(&format!("e{i}"), &format!("{t}问题{i}：怎么{t}？"), &format!("关于{t}的答案{i}")));
+        }
+        whole.upsert(&entries).unwrap();
+        for e in &entries {
+            parts[placement::shard_of(&e.id, 2) as usize].stage(e).unwrap();
+        }
+        for p in &parts {
+            p.commit().unwrap();
+        }
+        let opts = SearchOptions { k: 7, ..SearchOptions::default() };
+        for q in ["怎么退货", "发票问题12", "会员快递"] {
+            let mut stats = CorpusStats::default();
+            for p in &parts {
+                match over_the_wire(p, ShardRequest::Stats { query: q.into(), opts: opts.clone() }) {
+                    ShardResult::Stats { stats: s } => stats.merge(&s),
+                    other => panic!("{other:?}"),
+                }
+            }
+            let lists = parts.iter().map(|p| {
+                match over_the_wire(
+                    p,
+                    ShardRequest::Search { query: q.into(), opts: opts.clone(), stats: stats.clone() },
+                ) {
+                    ShardResult::Hits { hits } => hits,
+                    other => panic!("{other:?}"),
+                }
+            });
+            let merged: Vec<String> = merge_ids(lists, opts.k);
+            let one: Vec<String> = whole.search_uncached(q, &opts).unwrap().into_iter().map(|h| h.id).collect();
+            assert_eq!(merged, one, "query {q}");
+        }
+        match over_the_wire(&parts[0], ShardRequest::Count) {
+            ShardResult::Count { documents } => assert_eq!(documents, parts[0].stats().num_docs),
+            other => panic!("{other:?}"),
+        }
+        let id = entries.iter().find(|e| placement::shard_of(&e.id, 2) == 1).unwrap().id.clone();
+        match over_the_wire(&parts[1], ShardRequest::Get { id: id.clone() }) {
+            ShardResult::Entry { entry: Some(e) } => assert_eq!(e.id, id),
+            other => panic!("{other:?}"),
+        }
+        drop((whole, parts));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    fn merge_ids(lists: impl Iterator<Item = Vec<FaqHit>>, k: usize) -> Vec<String> {
+        ragnode_retrieval::merge_hits(lists, k).into_iter().map(|h| h.id).collect()
+    }
+}
