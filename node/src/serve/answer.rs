@@ -92,7 +92,8 @@ pub struct AnswerEnd {
 
 enum Origin {
     Engine(TokenSource),
-    Known(Option<String>),
+    /// Text known up front (cached or FAQ answers), as deltas.
+    Known(std::collections::VecDeque<String>),
     Ended,
 }
 
@@ -142,7 +143,7 @@ impl AnswerStream {
 
     /// An answer known up front.
     pub fn known(text: String, sources: Arc<Vec<Source>>, cache_hit: bool) -> Self {
-        let mut s = Self::new(Origin::Known(Some(text)), 0, tokio::time::Instant::now());
+        let mut s = Self::new(Origin::Known([text].into()), 0, tokio::time::Instant::now());
         s.sources = sources;
         s.cache_hit = cache_hit;
         s
@@ -191,6 +192,17 @@ impl AnswerStream {
         self
     }
 
+    /// A known answer delivered in `pieces` (tests of the wire shapes).
+    #[cfg(test)]
+    pub fn known_pieces(pieces: Vec<String>) -> Self {
+        Self::new(Origin::Known(pieces.into()), 0, tokio::time::Instant::now())
+    }
+
+    /// Whether the text comes from the model (not a cached or FAQ answer).
+    pub fn is_generated(&self) -> bool {
+        matches!(self.origin, Origin::Engine(_))
+    }
+
     pub fn prompt_tokens(&self) -> usize {
         self.prompt_tokens
     }
@@ -201,7 +213,7 @@ impl AnswerStream {
             let ev = match &mut self.origin {
                 Origin::Ended => return None,
                 Origin::Known(text) => {
-                    let Some(text) = text.take() else {
+                    let Some(text) = text.pop_front() else {
                         let end = AnswerEnd { finish_reason: "stop", usage: Usage::default(), error: None };
                         return Some(self.finish(end));
                     };
@@ -286,7 +298,7 @@ impl AnswerStream {
                     {
                         self.end_after_suffix = Some(end);
                         self.text.push_str(&suffix);
-                        self.origin = Origin::Known(None);
+                        self.origin = Origin::Known(Default::default());
                         return Some(AnswerEvent::Delta { text: suffix, logprobs: Vec::new() });
                     }
                     return Some(self.finish(end));

@@ -26,6 +26,7 @@ pub mod faqindex;
 pub mod metrics;
 pub mod openai;
 pub mod rag;
+pub mod reasoning;
 pub mod routing;
 pub mod state;
 pub mod ws;

@@ -22,6 +22,7 @@ use super::answer::{AnswerEnd, AnswerEvent, AnswerStream};
 use super::audit::AuditCell;
 use super::error::ApiError;
 use super::extract::ApiJson;
+use super::reasoning::{ReasoningFormat, ReasoningSplitter, Split, template_reasons};
 use super::state::{AppState, GenParams, RagOverrides, SharedState};
 
 /// `stop`: one string or a list.
@@ -89,6 +90,9 @@ pub struct ChatCompletionRequest {
     pub stream_options: Option<StreamOptions>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
+    /// Reasoning models: `"deepseek"` (default) puts the `<think>` text in
+    /// `reasoning_content`; `"none"` leaves it inline in `content`.
+    pub reasoning_format: Option<String>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -297,6 +301,12 @@ pub async fn chat_completions(
         (_, Some(_)) => return Err(ApiError::invalid_param("top_logprobs", "top_logprobs needs logprobs: true")),
         _ => None,
     };
+    let format = match req.reasoning_format.as_deref() {
+        None => ReasoningFormat::Deepseek,
+        Some(f) => ReasoningFormat::parse(f).ok_or_else(|| {
+            ApiError::invalid_param("reasoning_format", "reasoning_format must be \"deepseek\" or \"none\"")
+        })?,
+    };
     let mut params = req.sampling.to_params(top)?;
     let answer = match target(&state, &req.model)? {
         Target::Model => state.start_chat(&messages, params, audit, req.sampling.user.as_deref()).await?,
@@ -326,6 +336,10 @@ pub async fn chat_completions(
     };
     // Only logprobs need the tokenizer: cached and direct answers work while the model loads.
     let tok = state.engine.get().map(|e| e.tokenizer().clone());
+    // A reasoning model's own text is split (cached and FAQ answers are not).
+    let split_reasoning = format == ReasoningFormat::Deepseek
+        && answer.is_generated()
+        && tok.as_ref().is_some_and(|t| template_reasons(t.chat_template().source()));
     let id = new_id("chatcmpl");
     let created = now_secs();
     let node = node_header(&answer);
@@ -340,12 +354,19 @@ pub async fn chat_completions(
             logprobs: top.map(|_| (tok, logprobs_json as LogprobsFormat)),
         };
         let first = vec![shape.chunk(json!({"role": "assistant", "content": ""}), None, Value::Null)];
-        return Ok((node, openai_sse(answer, shape, first)).into_response());
+        let splitter = split_reasoning.then(ReasoningSplitter::new);
+        return Ok((node, openai_sse(answer, shape, first, splitter)).into_response());
     }
     let prompt_tokens = answer.prompt_tokens();
     let (text, lps, end, sources) = answer.collect().await;
     if let Some(e) = end_error(&end) {
         return Err(e);
+    }
+    let mut message = json!({ "role": "assistant", "content": text, "refusal": Value::Null });
+    if split_reasoning {
+        let split = ReasoningSplitter::split_all(&text);
+        message["content"] = if split.content.is_empty() { Value::Null } else { json!(split.content) };
+        message["reasoning_content"] = json!(split.reasoning);
     }
     let mut body = json!({
         "id": id,
@@ -355,7 +376,7 @@ pub async fn chat_completions(
         "system_fingerprint": Value::Null,
         "choices": [{
             "index": 0,
-            "message": { "role": "assistant", "content": text, "refusal": Value::Null },
+            "message": message,
             "logprobs": if top.is_some() { logprobs_json(tok.as_ref(), &lps) } else { Value::Null },
             "finish_reason": end.finish_reason,
         }],
@@ -421,6 +442,19 @@ impl ChunkShape {
         self.chunk(body, None, lp)
     }
 
+    /// A chat delta split into reasoning and content (either may be absent).
+    fn split_delta(&self, split: Split, lps: &[SampledLogprobs]) -> Value {
+        let lp = self.logprobs.as_ref().map_or(Value::Null, |(tok, f)| f(tok.as_ref(), lps));
+        let mut body = json!({});
+        if !split.reasoning.is_empty() {
+            body["reasoning_content"] = json!(split.reasoning);
+        }
+        if !split.content.is_empty() {
+            body["content"] = json!(split.content);
+        }
+        self.chunk(body, None, lp)
+    }
+
     fn empty_body(&self) -> Value {
         if self.chat { json!({}) } else { json!("") }
     }
@@ -443,15 +477,17 @@ impl ChunkShape {
     }
 }
 
-/// A streamed OpenAI response: the `first` chunks, one chunk per delta, the end events.
+/// A streamed OpenAI response: the `first` chunks, one chunk per delta (split into
+/// reasoning and content by `splitter`, when given), the end events.
 fn openai_sse(
     answer: AnswerStream,
     shape: ChunkShape,
     first: Vec<Value>,
+    splitter: Option<ReasoningSplitter>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let batches = futures_util::stream::unfold(
-        (answer, shape, Some(first), false),
-        |(mut answer, shape, mut first, done)| async move {
+        (answer, shape, Some(first), splitter, false),
+        |(mut answer, shape, mut first, mut splitter, done)| async move {
             if done {
                 return None;
             }
@@ -459,10 +495,22 @@ fn openai_sse(
                 first.take().unwrap_or_default().iter().map(sse_json).collect();
             let done = match answer.next().await {
                 Some(AnswerEvent::Delta { text, logprobs }) => {
-                    events.push(sse_json(&shape.delta(text, &logprobs)));
+                    match &mut splitter {
+                        None => events.push(sse_json(&shape.delta(text, &logprobs))),
+                        Some(s) => {
+                            // A tail held back as a possible tag still carries its logprobs.
+                            let split = s.push(&text);
+                            if !split.is_empty() || !logprobs.is_empty() {
+                                events.push(sse_json(&shape.split_delta(split, &logprobs)));
+                            }
+                        }
+                    }
                     false
                 }
                 Some(AnswerEvent::Done(end)) => {
+                    if let Some(split) = splitter.as_mut().map(ReasoningSplitter::finish).filter(|s| !s.is_empty()) {
+                        events.push(sse_json(&shape.split_delta(split, &[])));
+                    }
                     events.extend(shape.end(&answer, &end));
                     true
                 }
@@ -471,7 +519,7 @@ fn openai_sse(
                     true
                 }
             };
-            Some((futures_util::stream::iter(events), (answer, shape, first, done)))
+            Some((futures_util::stream::iter(events), (answer, shape, first, splitter, done)))
         },
     );
     Sse::new(futures_util::StreamExt::flatten(batches)).keep_alive(KeepAlive::default())
@@ -526,7 +574,7 @@ pub async fn completions(
             logprobs: top.map(|_| (tok, legacy_logprobs as LogprobsFormat)),
         };
         let first = echo.map(|e| vec![shape.chunk(json!(e), None, Value::Null)]).unwrap_or_default();
-        return Ok((node, openai_sse(answer, shape, first)).into_response());
+        return Ok((node, openai_sse(answer, shape, first, None)).into_response());
     }
     let prompt_tokens = answer.prompt_tokens();
     let (text, lps, end, _) = answer.collect().await;
@@ -596,4 +644,60 @@ pub async fn get_model(State(state): State<SharedState>, Path(id): Path<String>)
     target(&state, &id)?;
     let created = now_secs().saturating_sub(state.started.elapsed().as_secs());
     Ok(Json(model_object(&id, created)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `data:` payloads of a streamed response.
+    async fn sse_payloads(answer: AnswerStream, splitter: Option<ReasoningSplitter>) -> Vec<String> {
+        let shape = ChunkShape {
+            object: "chat.completion.chunk",
+            chat: true,
+            id: "chatcmpl-t".into(),
+            created: 0,
+            model: "m".into(),
+            include_usage: false,
+            logprobs: None,
+        };
+        let res = openai_sse(answer, shape, Vec::new(), splitter).into_response();
+        let body = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap();
+        String::from_utf8(body.to_vec())
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+            .collect()
+    }
+
+    fn pieces(p: &[&str]) -> AnswerStream {
+        AnswerStream::known_pieces(p.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[tokio::test]
+    async fn streamed_reasoning_goes_to_reasoning_content_across_token_boundaries() {
+        let tokens = ["<", "think", ">\n用户问退货。\n</", "think", ">\n\n", "30天内", "可退。"];
+        let payloads = sse_payloads(pieces(&tokens), Some(ReasoningSplitter::new())).await;
+        assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+        let (mut reasoning, mut content) = (String::new(), String::new());
+        for p in &payloads[..payloads.len() - 1] {
+            let v: Value = serde_json::from_str(p).unwrap();
+            let d = &v["choices"][0]["delta"];
+            reasoning += d["reasoning_content"].as_str().unwrap_or("");
+            content += d["content"].as_str().unwrap_or("");
+            assert!(!d.to_string().contains("think>"), "a tag leaked: {p}");
+        }
+        assert_eq!(reasoning, "\n用户问退货。\n");
+        assert_eq!(content, "30天内可退。");
+
+        // `reasoning_format: "none"`: no splitter, the text stays inline.
+        let payloads = sse_payloads(pieces(&tokens), None).await;
+        let inline: String = payloads[..payloads.len() - 1]
+            .iter()
+            .filter_map(|p| {
+                serde_json::from_str::<Value>(p).unwrap()["choices"][0]["delta"]["content"].as_str().map(str::to_string)
+            })
+            .collect();
+        assert_eq!(inline, tokens.concat());
+    }
 }
