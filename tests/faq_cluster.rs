@@ -344,6 +344,24 @@ fn a_node_killed_under_load_loses_no_write_and_searches_stay_complete() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // Shard metrics: what a serves, and its distributed searches.
+    let (_, metrics) = http_get(&a.addr, "/metrics", None);
+    let sum = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum()
+    };
+    let a_serves = view(&a.addr)["faq"]["table"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["replicas"].as_array().unwrap().iter().any(|r| r["node"] == "a" && r["serving"] == true))
+        .count();
+    assert_eq!(sum("ragnode:faq_shard_serving{"), a_serves as f64, "{metrics}");
+    assert!(sum("ragnode:faq_search_seconds_count") > 100.0, "searches are timed");
+
     // Chats: answered, or a clean JSON error — never a dropped connection.
     let chats = chats.lock().unwrap();
     let ok = chats.iter().filter(|(s, _)| *s == 200).count();

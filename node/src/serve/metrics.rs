@@ -127,11 +127,14 @@ pub fn render(state: &AppState) -> String {
     if let Some(shards) = state.faq_shards.get() {
         let held = shards.statuses();
         metrics::gauge!("ragnode:faq_documents").set(held.iter().map(|h| h.documents).sum::<u64>() as f64);
-        for h in held {
-            let shard = h.shard.to_string();
-            metrics::gauge!("ragnode:faq_shard_replay_lag", "shard" => shard.clone()).set(h.lag as f64);
-            metrics::gauge!("ragnode:faq_shard_applied_sequence", "shard" => shard.clone()).set(h.applied as f64);
-            metrics::gauge!("ragnode:faq_shard_serving", "shard" => shard).set(if h.serving { 1.0 } else { 0.0 });
+        // Every shard, held or not, so a released shard reads 0 rather than its last value.
+        for k in 0..shards.shards() {
+            let h = held.iter().find(|h| h.shard == k);
+            let shard = k.to_string();
+            let (lag, applied, serving) = h.map_or((0, 0, false), |h| (h.lag, h.applied, h.serving));
+            metrics::gauge!("ragnode:faq_shard_replay_lag", "shard" => shard.clone()).set(lag as f64);
+            metrics::gauge!("ragnode:faq_shard_applied_sequence", "shard" => shard.clone()).set(applied as f64);
+            metrics::gauge!("ragnode:faq_shard_serving", "shard" => shard).set(if serving { 1.0 } else { 0.0 });
         }
     }
     metrics::gauge!("ragnode:conversations").set(state.conversations.len() as f64);
