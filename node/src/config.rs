@@ -47,6 +47,9 @@ pub struct ServeConfig {
     pub model: Option<String>,
     /// The model id clients use (`/v1/models`); default: the file stem or repo id.
     pub served_model_name: Option<String>,
+    /// A Jinja chat template file replacing the model's own (GGUF metadata or
+    /// tokenizer_config.json).
+    pub chat_template: Option<PathBuf>,
     /// The FAQ shard's index directory (created if missing).
     pub faq_index: PathBuf,
     /// FAQ file ingested at start when the index is empty (e.g. the demo FAQ).
@@ -129,6 +132,7 @@ impl Default for ServeConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             model: None,
             served_model_name: None,
+            chat_template: None,
             faq_index: PathBuf::from("data/index"),
             faq_seed: None,
             threads: None,
@@ -300,6 +304,9 @@ pub struct ServeArgs {
     /// Model id served to clients [default: the model file stem].
     #[arg(long, env = "RAGNODE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
+    /// A Jinja chat template file replacing the model's own.
+    #[arg(long, env = "RAGNODE_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
     /// FAQ index directory [default: data/index].
     #[arg(long, env = "RAGNODE_FAQ_INDEX")]
     pub faq_index: Option<PathBuf>,
@@ -389,6 +396,9 @@ impl ServeConfig {
         }
         if a.served_model_name.is_some() {
             self.served_model_name = a.served_model_name.clone();
+        }
+        if a.chat_template.is_some() {
+            self.chat_template = a.chat_template.clone();
         }
         set(&mut self.faq_index, &a.faq_index);
         if a.faq_seed.is_some() {

@@ -271,6 +271,12 @@ impl ModelTokenizer {
         &self.chat_template
     }
 
+    /// The same tokenizer with another chat template (a deployment's override).
+    pub fn with_chat_template(mut self, template: ChatTemplate) -> Self {
+        self.chat_template = template;
+        self
+    }
+
     /// Renders the conversation with the model's chat template, ready for
     /// `encode(prompt, true)`: when the vocabulary adds BOS itself, a BOS the template wrote
     /// at the start is left out so the prompt does not begin with two (llama.cpp does the

@@ -261,6 +261,16 @@ fn load_engine(state: &AppState, model_spec: &str) -> Result<()> {
     let t = Instant::now();
     let loaded =
         load_model(model_spec, &LoadOptions::default()).with_context(|| format!("loading model `{model_spec}`"))?;
+    let mut tokenizer = loaded.tokenizer;
+    if let Some(path) = &cfg.chat_template {
+        let source =
+            std::fs::read_to_string(path).with_context(|| format!("reading the chat template {}", path.display()))?;
+        let t = tokenizer.chat_template();
+        let template = ragnode_models::tokenizer::ChatTemplate::new(&source, t.bos_token(), t.eos_token())
+            .with_context(|| format!("{}: not a valid chat template", path.display()))?;
+        tokenizer = Arc::new((*tokenizer).clone().with_chat_template(template));
+        tracing::info!(file = %path.display(), "chat template replaced");
+    }
     let e = &cfg.engine;
     let engine_cfg = EngineConfig {
         max_num_seqs: e.max_num_seqs,
@@ -270,7 +280,7 @@ fn load_engine(state: &AppState, model_spec: &str) -> Result<()> {
         max_context: e.max_model_len,
         ..EngineConfig::default()
     };
-    let engine = Engine::start(loaded.model, loaded.tokenizer, engine_cfg).context("starting the engine")?;
+    let engine = Engine::start(loaded.model, tokenizer, engine_cfg).context("starting the engine")?;
     tracing::info!(load_ms = t.elapsed().as_millis() as u64, context = engine.context_limit(), "model loaded");
     let _ = state.engine.set(engine);
     Ok(())
