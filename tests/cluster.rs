@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use ragnode_tests::{NatsServer, ServeProcess, http, http_get, ragnode_bin};
+use ragnode_tests::{NatsServer, ServeProcess, http, http_get, metric, ragnode_bin};
 use serde_json::Value;
 
 fn join(nats: &NatsServer, id: &str) -> ServeProcess {
@@ -156,14 +156,6 @@ fn chat(user: &str, max_tokens: usize, stream: bool) -> Value {
     })
 }
 
-fn metric(node: &ServeProcess, name: &str) -> f64 {
-    let (_, text) = http_get(&node.addr, "/metrics", None);
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
-}
-
 #[test]
 fn requests_run_on_their_session_node_and_survive_its_death() {
     let nats = NatsServer::start();
@@ -200,8 +192,8 @@ fn requests_run_on_their_session_node_and_survive_its_death() {
         v["choices"][0]["message"]["content"].as_str().unwrap().to_string()
     };
     assert_eq!(text(&via_a), text(&at_b), "greedy output is the same whichever node receives it");
-    assert!(metric(&b, "ragnode:remote_requests_served_total") >= 2.0);
-    assert!(metric(&a, "ragnode:remote_requests_total") >= 2.0);
+    assert!(metric(&b.addr, "ragnode:remote_requests_served_total") >= 2.0);
+    assert!(metric(&a.addr, "ragnode:remote_requests_total") >= 2.0);
 
     // Streaming through a: every token arrives, in order, then [DONE].
     let (node, events) = open_stream(&a.addr, &chat(&user, 24, true));

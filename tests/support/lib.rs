@@ -259,6 +259,16 @@ pub fn http_get(addr: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
     (r.status, r.body)
 }
 
+/// The sum of a Prometheus metric's samples at `addr` (every line starting with `name`,
+/// so `name{` sums its label sets).
+pub fn metric(addr: &str, name: &str) -> f64 {
+    let (_, text) = http_get(addr, "/metrics", None);
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
 fn unchunk(body: &str) -> String {
     let mut out = String::new();
     let mut rest = body;

@@ -49,6 +49,9 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    /// The model reasons in `<think>…</think>` blocks (DeepSeek-R1 and its distills):
+    /// its template handles `</think>`.
+    reasons: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -77,6 +80,7 @@ impl ChatTemplate {
         env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(|e| template_error(&e, true))?;
         Ok(Self {
             source: source.to_string(),
+            reasons: source.contains("</think>"),
             env,
             bos_token: bos_token.map(str::to_string),
             eos_token: eos_token.map(str::to_string),
@@ -120,6 +124,11 @@ impl ChatTemplate {
 
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// Whether the model writes its reasoning in `<think>…</think>` before the answer.
+    pub fn reasons(&self) -> bool {
+        self.reasons
     }
 
     pub fn bos_token(&self) -> Option<&str> {
@@ -340,6 +349,8 @@ mod tests {
              <｜User｜>What is 2+2?<｜Assistant｜><think>\n"
         );
         assert_eq!(t.render(&[ChatMessage::user("x")], false).unwrap(), "<｜begin▁of▁sentence｜><｜User｜>x");
+        assert!(t.reasons(), "R1 reasons in <think> blocks");
+        assert!(!ChatTemplate::chatml(None, None).reasons());
     }
 
     #[test]

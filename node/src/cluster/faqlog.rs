@@ -98,48 +98,19 @@ impl FaqLog {
     /// Appends writes, each to its entry's shard; once JetStream stored them all, returns
     /// for each shard written the stream sequence of its last message.
     pub async fn append(&self, op: FaqOp) -> Result<BTreeMap<u32, u64>> {
-        let mut by_shard: BTreeMap<u32, FaqOp> = BTreeMap::new();
-        match op {
-            FaqOp::Upsert { entries } => {
-                for e in entries {
-                    let slot = by_shard
-                        .entry(placement::shard_of(&e.id, self.shards))
-                        .or_insert_with(|| FaqOp::Upsert { entries: Vec::new() });
-                    if let FaqOp::Upsert { entries } = slot {
-                        entries.push(e);
-                    }
-                }
-            }
-            FaqOp::Delete { ids } => {
-                for id in ids {
-                    let slot = by_shard
-                        .entry(placement::shard_of(&id, self.shards))
-                        .or_insert_with(|| FaqOp::Delete { ids: Vec::new() });
-                    if let FaqOp::Delete { ids } = slot {
-                        ids.push(id);
-                    }
-                }
-            }
-        }
+        let parts = match op {
+            FaqOp::Upsert { entries } => self.messages(entries, |e| &e.id, |entries| FaqOp::Upsert { entries }),
+            FaqOp::Delete { ids } => self.messages(ids, |id| id, |ids| FaqOp::Delete { ids }),
+        };
         // Publish everything, then wait for the acks (JetStream pipelines them).
         let mut pending = Vec::new();
-        for (shard, op) in by_shard {
-            let parts: Vec<FaqOp> = match op {
-                FaqOp::Upsert { entries } => {
-                    entries.chunks(ENTRIES_PER_MESSAGE).map(|c| FaqOp::Upsert { entries: c.to_vec() }).collect()
-                }
-                FaqOp::Delete { ids } => {
-                    ids.chunks(ENTRIES_PER_MESSAGE).map(|c| FaqOp::Delete { ids: c.to_vec() }).collect()
-                }
-            };
-            for part in parts {
-                let ack = self
-                    .js
-                    .publish(self.subjects.faq_log(shard), serde_json::to_vec(&part)?.into())
-                    .await
-                    .map_err(|e| anyhow::anyhow!("publishing to the FAQ log: {e}"))?;
-                pending.push((shard, ack));
-            }
+        for (shard, part) in parts {
+            let ack = self
+                .js
+                .publish(self.subjects.faq_log(shard), serde_json::to_vec(&part)?.into())
+                .await
+                .map_err(|e| anyhow::anyhow!("publishing to the FAQ log: {e}"))?;
+            pending.push((shard, ack));
         }
         let mut last = BTreeMap::new();
         for (shard, ack) in pending {
@@ -148,6 +119,26 @@ impl FaqLog {
             *seq = ack.sequence.max(*seq);
         }
         Ok(last)
+    }
+
+    /// `items` grouped by the shard of their id, in messages of at most
+    /// [`ENTRIES_PER_MESSAGE`] rows.
+    fn messages<T: Clone>(
+        &self,
+        items: Vec<T>,
+        id: impl Fn(&T) -> &str,
+        op: impl Fn(Vec<T>) -> FaqOp,
+    ) -> Vec<(u32, FaqOp)> {
+        let mut by_shard: BTreeMap<u32, Vec<T>> = BTreeMap::new();
+        for item in items {
+            by_shard.entry(placement::shard_of(id(&item), self.shards)).or_default().push(item);
+        }
+        by_shard
+            .into_iter()
+            .flat_map(|(shard, rows)| {
+                rows.chunks(ENTRIES_PER_MESSAGE).map(|c| (shard, op(c.to_vec()))).collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     /// Stream sequence of shard `shard`'s last logged write (0: none).

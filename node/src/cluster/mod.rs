@@ -158,9 +158,16 @@ pub struct Member {
 }
 
 /// The statuses heard, by node id.
-#[derive(Default)]
 pub struct ClusterView {
     nodes: Mutex<HashMap<String, (NodeStatus, Instant)>>,
+    /// Touched at every status heard (waiters for a cluster-wide condition).
+    changes: tokio::sync::watch::Sender<()>,
+}
+
+impl Default for ClusterView {
+    fn default() -> Self {
+        Self { nodes: Mutex::default(), changes: tokio::sync::watch::Sender::new(()) }
+    }
 }
 
 impl ClusterView {
@@ -171,6 +178,13 @@ impl ClusterView {
     fn observe_at(&self, status: NodeStatus, at: Instant) {
         let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
         nodes.insert(status.id.clone(), (status, at));
+        drop(nodes);
+        self.changes.send_replace(());
+    }
+
+    /// Notified whenever a status arrives.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<()> {
+        self.changes.subscribe()
     }
 
     /// Calls `f` with each live member's status (no copies).

@@ -199,28 +199,28 @@ impl ClusterSearch {
     /// (`seqs`: shard → stream sequence), so that the next search sees it; `false` after
     /// `limit`.
     pub async fn wait_visible(&self, seqs: &BTreeMap<u32, u64>, limit: Duration) -> bool {
-        let until = Instant::now() + limit;
+        let view = &self.membership.view;
+        let mut changes = view.changes();
+        let until = tokio::time::Instant::now() + limit;
         loop {
-            let mut visible = true;
-            for (&k, &seq) in seqs {
+            changes.borrow_and_update();
+            let visible = seqs.iter().all(|(&k, &seq)| {
                 let (mut serving, mut behind) = (0, 0);
-                self.membership.view.for_each_live(|s| {
+                view.for_each_live(|s| {
                     for h in s.faq_shards.iter().filter(|h| h.shard == k && h.serving) {
                         serving += 1;
-                        if h.applied < seq {
-                            behind += 1;
-                        }
+                        behind += usize::from(h.applied < seq);
                     }
                 });
-                visible &= serving > 0 && behind == 0;
-            }
+                serving > 0 && behind == 0
+            });
             if visible {
                 return true;
             }
-            if Instant::now() >= until {
+            // Replicas publish their status right after applying a write.
+            if !matches!(tokio::time::timeout_at(until, changes.changed()).await, Ok(Ok(()))) {
                 return false;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }

@@ -33,6 +33,20 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + S
     tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(format!("index task failed: {e}")))?
 }
 
+/// A cluster write: acknowledged once the log stored it, then given up to
+/// [`VISIBLE_WITHIN`] to reach every serving replica. Returns the last log sequence and
+/// whether it became visible.
+async fn log_write(c: &ClusterSearch, op: FaqOp) -> Result<(u64, bool), ApiError> {
+    let seqs = c
+        .shards()
+        .log()
+        .append(op)
+        .await
+        .map_err(|e| ApiError::not_ready(format!("the FAQ log is unavailable: {e:#}")))?;
+    let visible = c.wait_visible(&seqs, VISIBLE_WITHIN).await;
+    Ok((seqs.values().copied().max().unwrap_or(0), visible))
+}
+
 impl FaqIndex {
     pub async fn search(&self, query: &str, opts: &SearchOptions) -> Result<Found, ApiError> {
         match self {
@@ -74,15 +88,8 @@ impl FaqIndex {
                 Ok(json!({ "upserted": n, "opstamp": opstamp }))
             }
             Self::Cluster(c) => {
-                // Acknowledged once the log stored it; the shards' holders apply it.
-                let seqs = c
-                    .shards()
-                    .log()
-                    .append(FaqOp::Upsert { entries })
-                    .await
-                    .map_err(|e| ApiError::not_ready(format!("the FAQ log is unavailable: {e:#}")))?;
-                let visible = c.wait_visible(&seqs, VISIBLE_WITHIN).await;
-                Ok(json!({ "upserted": n, "log_sequence": seqs.values().max(), "visible": visible }))
+                let (seq, visible) = log_write(c, FaqOp::Upsert { entries }).await?;
+                Ok(json!({ "upserted": n, "log_sequence": seq, "visible": visible }))
             }
         }
     }
@@ -101,14 +108,8 @@ impl FaqIndex {
                 if self.get(id).await?.is_none() {
                     return Ok(None);
                 }
-                let seqs = c
-                    .shards()
-                    .log()
-                    .append(FaqOp::Delete { ids: vec![id.to_string()] })
-                    .await
-                    .map_err(|e| ApiError::not_ready(format!("the FAQ log is unavailable: {e:#}")))?;
-                let visible = c.wait_visible(&seqs, VISIBLE_WITHIN).await;
-                Ok(Some(json!({ "deleted": id, "log_sequence": seqs.values().max(), "visible": visible })))
+                let (seq, visible) = log_write(c, FaqOp::Delete { ids: vec![id.to_string()] }).await?;
+                Ok(Some(json!({ "deleted": id, "log_sequence": seq, "visible": visible })))
             }
         }
     }

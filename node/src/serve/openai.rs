@@ -22,7 +22,7 @@ use super::answer::{AnswerEnd, AnswerEvent, AnswerStream};
 use super::audit::AuditCell;
 use super::error::ApiError;
 use super::extract::ApiJson;
-use super::reasoning::{ReasoningFormat, ReasoningSplitter, Split, template_reasons};
+use super::reasoning::{ReasoningFormat, ReasoningSplitter, Split};
 use super::state::{AppState, GenParams, RagOverrides, SharedState};
 
 /// `stop`: one string or a list.
@@ -339,7 +339,7 @@ pub async fn chat_completions(
     // A reasoning model's own text is split (cached and FAQ answers are not).
     let split_reasoning = format == ReasoningFormat::Deepseek
         && answer.is_generated()
-        && tok.as_ref().is_some_and(|t| template_reasons(t.chat_template().source()));
+        && tok.as_ref().is_some_and(|t| t.chat_template().reasons());
     let id = new_id("chatcmpl");
     let created = now_secs();
     let node = node_header(&answer);
