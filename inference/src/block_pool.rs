@@ -15,11 +15,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub struct PoolCounters {
     pub total: AtomicUsize,
     pub free: AtomicUsize,
+    /// Bytes one block holds across all layers (set by the engine from the cache layout).
+    pub block_bytes: AtomicUsize,
 }
 
 impl PoolCounters {
     pub fn used(&self) -> usize {
         self.total.load(Ordering::Relaxed) - self.free.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of cache held by running sequences.
+    pub fn used_bytes(&self) -> usize {
+        self.used() * self.block_bytes.load(Ordering::Relaxed)
     }
 }
 

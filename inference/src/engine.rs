@@ -95,6 +95,10 @@ pub struct EngineStats {
     pub waiting: usize,
     pub kv_blocks_total: usize,
     pub kv_blocks_used: usize,
+    /// Cache bytes one token takes (all layers; per-head K/V or a latent row).
+    pub kv_bytes_per_token: usize,
+    /// Cache bytes held by running sequences.
+    pub kv_bytes_used: usize,
     pub steps: u64,
     pub prompt_tokens: u64,
     pub generation_tokens: u64,
@@ -156,6 +160,7 @@ impl Engine {
         let cache = PagedKvCache::new(layout, num_blocks, cfg.block_size, dtype, &device)
             .map_err(|e| EngineError::Start(e.to_string()))?;
         let pool = KvBlockPool::new(num_blocks, cfg.block_size);
+        pool.counters().block_bytes.store(layout.bytes_per_token(dtype) * cfg.block_size, Ordering::Relaxed);
         let context_limit =
             cfg.max_context.unwrap_or(usize::MAX).min(model.max_context()).min(num_blocks * cfg.block_size);
         tracing::info!(
@@ -240,6 +245,8 @@ impl EngineHandle {
             waiting: c.waiting.load(Ordering::Relaxed),
             kv_blocks_total: total,
             kv_blocks_used: self.shared.pool.used(),
+            kv_bytes_per_token: self.shared.pool.block_bytes.load(Ordering::Relaxed) / self.shared.cfg.block_size,
+            kv_bytes_used: self.shared.pool.used_bytes(),
             steps: c.steps.load(Ordering::Relaxed),
             prompt_tokens: c.prompt_tokens.load(Ordering::Relaxed),
             generation_tokens: c.generation_tokens.load(Ordering::Relaxed),

@@ -7,6 +7,8 @@
 //!   kernels that read each weight block once for the whole batch of rows.
 //! - [`attention`]: paged attention over a block-structured KV cache for a varlen batch
 //!   (decode rows and prefill chunks of many sequences in one call), and the cache write.
+//! - [`mla`]: DeepSeek multi-head latent attention over a paged latent cache (one row
+//!   per token shared by all heads, up-projections absorbed), and its cache write.
 //! - [`activation`]: fused SwiGLU; [`rowwise`]: RMS norm, residual add, qkv split + rope.
 //!
 //! Every CPU kernel gives each output element a value that does not depend on which
@@ -18,6 +20,7 @@
 pub mod activation;
 pub mod attention;
 mod math;
+pub mod mla;
 mod par;
 pub mod quant;
 pub mod rowwise;

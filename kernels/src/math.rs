@@ -33,6 +33,69 @@ pub(crate) fn sum16(acc: &[f32; 16]) -> f32 {
     (s4[0] + s4[2]) + (s4[1] + s4[3])
 }
 
+/// `Σ a[i]·b[i]` in 16 lanes of fused multiply-adds reduced by [`sum16`]: one fixed order,
+/// so every SIMD path and the scalar one give the same bits. Inline it into callers that
+/// are compiled with SIMD features; [`dot16`] dispatches for the others.
+#[inline(always)]
+pub(crate) fn dot16_inline(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let whole = a.len() / 16 * 16;
+    for (ca, cb) in a[..whole].chunks_exact(16).zip(b[..whole].chunks_exact(16)) {
+        for l in 0..16 {
+            acc[l] = ca[l].mul_add(cb[l], acc[l]);
+        }
+    }
+    for i in whole..a.len() {
+        acc[i - whole] = a[i].mul_add(b[i], acc[i - whole]);
+    }
+    sum16(&acc)
+}
+
+/// `y[i] += alpha · x[i]` with fused multiply-adds.
+#[inline(always)]
+pub(crate) fn axpy_inline(alpha: f32, x: &[f32], y: &mut [f32]) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o = alpha.mul_add(v, *o);
+    }
+}
+
+macro_rules! simd_dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? => $inline:ident) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $inline($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $inline($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports the features the function is compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $inline($($arg),*)
+        }
+    };
+}
+
+simd_dispatch!(
+    /// [`dot16_inline`] on the widest SIMD the CPU has.
+    pub(crate) fn dot16(a: &[f32], b: &[f32]) -> f32 => dot16_inline
+);
+simd_dispatch!(
+    /// [`axpy_inline`] on the widest SIMD the CPU has.
+    pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) => axpy_inline
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,31 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]>
     }
 }
 
+/// `y = x · wᵀ` for `x: [T, k]` and a dense `w: [n, k]`, each output one fixed-order dot
+/// product (so a row never depends on its batch, unlike a blocked GEMM that picks its
+/// kernel by the batch size). For small dense layers whose outputs make discrete choices:
+/// MoE routers. Off-CPU (or not f32), candle's matmul.
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (t, k) = x.dims2()?;
+    let (n, wk) = w.dims2()?;
+    if wk != k {
+        bail!("matmul_t: x {:?} does not fit w {:?}", x.shape(), w.shape())
+    }
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+        return x.matmul(&w.t()?);
+    }
+    let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let ws = w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; t * n];
+    for_rows(t, n, &mut out, |r, o| {
+        let xr = &xs[r * k..(r + 1) * k];
+        for (j, y) in o.iter_mut().enumerate() {
+            *y = crate::math::dot16(xr, &ws[j * k..(j + 1) * k]);
+        }
+    });
+    Tensor::from_vec(out, (t, n), x.device())
+}
+
 /// `x / rms(x) * weight` over the last dimension of `x: [T, d]`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {

@@ -15,7 +15,7 @@ pub enum ModelError {
     Gguf { path: PathBuf, message: String },
     #[error("{path}: invalid model config: {message}")]
     Config { path: PathBuf, message: String },
-    #[error("unsupported architecture `{0}` (supported: llama, qwen2)")]
+    #[error("unsupported architecture `{0}` (supported: llama, qwen2, deepseek2 / DeepSeek-V2 / V3)")]
     UnsupportedArchitecture(String),
     #[error("weight `{0}` is missing from the checkpoint")]
     MissingWeight(String),

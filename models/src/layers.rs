@@ -105,6 +105,69 @@ impl Linear {
         Ok(Some(Linear { weight, bias, out_features }))
     }
 
+    /// The same layer with output row `i` taken from row `perm[i]` (bias too). Quantized
+    /// rows are whole blocks, so this is exact in every format.
+    pub fn permute_rows(&self, perm: &[usize]) -> Result<Linear> {
+        let n = self.out_features;
+        if perm.len() != n || perm.iter().any(|&p| p >= n) {
+            return Err(candle_core::Error::Msg(format!("permute_rows: a permutation of {n} rows expected")).into());
+        }
+        let shuffle = |bytes: &[u8]| -> Vec<u8> {
+            let row = bytes.len() / n;
+            perm.iter().flat_map(|&p| bytes[p * row..(p + 1) * row].iter().copied()).collect()
+        };
+        let weight = match &self.weight {
+            LinearWeight::Dense(w) => {
+                let idx = Tensor::from_vec(perm.iter().map(|&p| p as u32).collect::<Vec<_>>(), n, w.device())?;
+                LinearWeight::Dense(w.index_select(&idx, 0)?)
+            }
+            LinearWeight::Quant(w) => {
+                let bytes = shuffle(&w.to_ggml());
+                match QuantMatrix::from_ggml(w.dtype(), &bytes, n, w.cols())? {
+                    Some(m) => LinearWeight::Quant(Arc::new(m)),
+                    None => unreachable!("a QuantMatrix format round-trips"),
+                }
+            }
+            LinearWeight::CandleQuant(w, _) => {
+                let bytes = shuffle(&w.data()?);
+                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    w.dtype(),
+                    &bytes,
+                    w.shape().dims().to_vec(),
+                    &w.device(),
+                )?;
+                return Linear::candle_quant(q, self.permuted_bias(perm)?);
+            }
+        };
+        Ok(Linear { weight, bias: self.permuted_bias(perm)?, out_features: n })
+    }
+
+    fn permuted_bias(&self, perm: &[usize]) -> Result<Option<Tensor>> {
+        Ok(match &self.bias {
+            Some(b) => {
+                let idx = Tensor::from_vec(perm.iter().map(|&p| p as u32).collect::<Vec<_>>(), perm.len(), b.device())?;
+                Some(b.index_select(&idx, 0)?)
+            }
+            None => None,
+        })
+    }
+
+    /// The weight as a dense f32 `[out, in]` tensor (dequantized if need be).
+    pub fn dense_weight(&self, device: &Device) -> Result<Tensor> {
+        Ok(match &self.weight {
+            LinearWeight::Dense(w) => w.to_dtype(DType::F32)?,
+            LinearWeight::CandleQuant(w, _) => w.dequantize(device)?,
+            LinearWeight::Quant(w) => {
+                let (rows, cols) = (w.rows(), w.cols());
+                let mut out = vec![0f32; rows * cols];
+                for (r, chunk) in out.chunks_exact_mut(cols).enumerate() {
+                    w.dequantize_row(r, chunk)?;
+                }
+                Tensor::from_vec(out, (rows, cols), device)?
+            }
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Quant(w) => quant_matmul(x, w)?,
@@ -187,6 +250,63 @@ pub enum RopeScaling {
     },
     /// Per-frequency divisors stored in the checkpoint (GGUF `rope_freqs.weight`).
     Factors(Vec<f32>),
+    /// YaRN (DeepSeek-V2/V3, long-context Qwen2.5): frequencies faster than `beta_fast`
+    /// rotations over the original context keep their value, those slower than `beta_slow`
+    /// are divided by `factor`, a linear ramp in between; cos/sin are multiplied by
+    /// `attention_factor`.
+    Yarn {
+        factor: f32,
+        original_max_position_embeddings: usize,
+        beta_fast: f32,
+        beta_slow: f32,
+        attention_factor: f32,
+    },
+}
+
+/// YaRN's magnitude correction `0.1 · mscale · ln(scale) + 1` (1 for no stretch).
+pub fn yarn_mscale(scale: f32, mscale: f32) -> f32 {
+    if scale <= 1.0 { 1.0 } else { 0.1 * mscale * scale.ln() + 1.0 }
+}
+
+impl RopeScaling {
+    /// Parses a `config.json` `rope_scaling` object (`rope_type` or `type`).
+    pub fn from_hf_json(v: Option<&serde_json::Value>) -> Result<Self, String> {
+        let Some(v) = v.filter(|v| !v.is_null()) else { return Ok(Self::None) };
+        let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
+        let opt = |k: &str| v.get(k).and_then(|x| x.as_f64());
+        let num = |k: &str| opt(k).ok_or_else(|| format!("rope_scaling.{k} is missing"));
+        match kind {
+            "default" => Ok(Self::None),
+            "linear" => Ok(Self::Linear { factor: num("factor")? as f32 }),
+            "llama3" => Ok(Self::Llama3 {
+                factor: num("factor")? as f32,
+                low_freq_factor: num("low_freq_factor")? as f32,
+                high_freq_factor: num("high_freq_factor")? as f32,
+                original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+            }),
+            "yarn" => {
+                let factor = num("factor")? as f32;
+                // As transformers' `_compute_yarn_parameters`.
+                let attention_factor = match (opt("attention_factor"), opt("mscale"), opt("mscale_all_dim")) {
+                    (Some(a), _, _) => a as f32,
+                    (None, Some(m), Some(all)) => yarn_mscale(factor, m as f32) / yarn_mscale(factor, all as f32),
+                    _ => yarn_mscale(factor, 1.0),
+                };
+                Ok(Self::Yarn {
+                    factor,
+                    original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+                    beta_fast: opt("beta_fast").unwrap_or(32.0) as f32,
+                    beta_slow: opt("beta_slow").unwrap_or(1.0) as f32,
+                    attention_factor,
+                })
+            }
+            other => {
+                // Dynamic NTK only changes positions past the original context.
+                tracing::warn!("rope_scaling type `{other}` is not supported; using unscaled rope");
+                Ok(Self::None)
+            }
+        }
+    }
 }
 
 /// Rotary position embedding with the half-split ("neox") pairing: dimension `i` pairs
@@ -195,12 +315,15 @@ pub enum RopeScaling {
 #[derive(Clone, Debug)]
 pub struct RotaryEmbedding {
     inv_freq: Vec<f32>,
+    /// Multiplies cos and sin (YaRN's attention factor; 1 otherwise).
+    magnitude: f32,
 }
 
 impl RotaryEmbedding {
     pub fn new(head_dim: usize, theta: f32, scaling: &RopeScaling) -> Result<Self> {
         let mut inv_freq: Vec<f32> =
             (0..head_dim).step_by(2).map(|i| 1f32 / theta.powf(i as f32 / head_dim as f32)).collect();
+        let mut magnitude = 1.0;
         match scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
@@ -230,8 +353,27 @@ impl RotaryEmbedding {
                 }
                 inv_freq.iter_mut().zip(factors).for_each(|(f, d)| *f /= d);
             }
+            RopeScaling::Yarn { factor, original_max_position_embeddings, beta_fast, beta_slow, attention_factor } => {
+                // The dimension index at which a frequency makes `rotations` turns over the
+                // original context.
+                let dim = head_dim as f32;
+                let orig = *original_max_position_embeddings as f32;
+                let correction_dim =
+                    |rotations: f32| dim * (orig / (rotations * 2.0 * std::f32::consts::PI)).ln() / (2.0 * theta.ln());
+                let low = correction_dim(*beta_fast).floor().max(0.0);
+                let mut high = correction_dim(*beta_slow).ceil().min(dim - 1.0);
+                if low == high {
+                    high += 0.001;
+                }
+                for (i, f) in inv_freq.iter_mut().enumerate() {
+                    let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
+                    let interpolated = 1.0 / (factor * theta.powf(2.0 * i as f32 / dim));
+                    *f = interpolated * ramp + *f * (1.0 - ramp);
+                }
+                magnitude = *attention_factor;
+            }
         }
-        Ok(Self { inv_freq })
+        Ok(Self { inv_freq, magnitude })
     }
 
     /// `cos` and `sin` tables `[T, head_dim / 2]` for the given positions.
@@ -242,8 +384,8 @@ impl RotaryEmbedding {
         for &p in positions {
             for &f in &self.inv_freq {
                 let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                cos.push(angle.cos() * self.magnitude);
+                sin.push(angle.sin() * self.magnitude);
             }
         }
         let shape = (positions.len(), half);
@@ -291,5 +433,27 @@ mod tests {
         assert_eq!(plain.inv_freq[0], scaled.inv_freq[0]);
         let last = plain.inv_freq.len() - 1;
         assert!((scaled.inv_freq[last] - plain.inv_freq[last] / 8.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn yarn_keeps_fast_and_stretches_slow_frequencies() {
+        // DeepSeek-V2-Lite's rope_scaling.
+        let json = serde_json::json!({"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707});
+        let scaling = RopeScaling::from_hf_json(Some(&json)).unwrap();
+        let RopeScaling::Yarn { attention_factor, .. } = scaling else { panic!("{scaling:?}") };
+        assert!((attention_factor - 1.0).abs() < 1e-6);
+        let plain = RotaryEmbedding::new(64, 10000.0, &RopeScaling::None).unwrap();
+        let yarn = RotaryEmbedding::new(64, 10000.0, &scaling).unwrap();
+        assert_eq!(yarn.inv_freq[0], plain.inv_freq[0]);
+        let last = plain.inv_freq.len() - 1;
+        assert!((yarn.inv_freq[last] - plain.inv_freq[last] / 40.0).abs() < 1e-9);
+        assert!(yarn.inv_freq[12] < plain.inv_freq[12] && yarn.inv_freq[12] > plain.inv_freq[12] / 40.0);
+        // Without mscale keys, transformers' default attention factor.
+        let json = serde_json::json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768});
+        let RopeScaling::Yarn { attention_factor, .. } = RopeScaling::from_hf_json(Some(&json)).unwrap() else {
+            panic!()
+        };
+        assert!((attention_factor - (0.1 * 4f32.ln() + 1.0)).abs() < 1e-6);
     }
 }

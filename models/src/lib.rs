@@ -7,9 +7,13 @@
 //!   through [`qwen2`], Qwen2 / Qwen2.5 / DeepSeek-R1-Distill-Qwen. A forward step takes a
 //!   varlen [`BatchInput`] — many sequences, each at its own position — and reads/writes
 //!   a [`PagedKvCache`] whose blocks the engine hands out.
-//! - [`weights`]: GGUF (every GGML type candle supports, f16/f32 too) and HF safetensors
-//!   (f32/f16/bf16). Quantized weights run on `ragnode-kernels`' CPU matmul where it has a
-//!   kernel for the format, and on candle's `QMatMul` otherwise.
+//! - [`deepseek2`]: DeepSeek-V2 / V2-Lite / V3 — multi-head latent attention over a latent
+//!   cache (one shared row per token, up-projections absorbed), MoE with V2 softmax and V3
+//!   sigmoid + bias group-limited routing, shared experts, YaRN.
+//! - [`weights`]: GGUF (every GGML type candle supports, f16/f32 too), HF safetensors
+//!   (f32/f16/bf16) and random weights made from a config. Quantized weights run on
+//!   `ragnode-kernels`' CPU matmul where it has a kernel for the format, and on candle's
+//!   `QMatMul` otherwise.
 //! - [`loader`]: a local path or a Hugging Face repo id (through `hf-hub`) to a
 //!   [`LoadedModel`].
 //! - [`tokenizer`]: tokenizers built from GGUF metadata or `tokenizer.json`, and chat
@@ -19,6 +23,7 @@
 //! Model code holds no serving logic: scheduling and sampling live in `ragnode-inference`.
 
 pub mod batch;
+pub mod deepseek2;
 pub mod error;
 pub mod kv_cache;
 pub mod layers;
@@ -31,7 +36,7 @@ pub mod weights;
 pub use batch::BatchInput;
 pub use error::{ModelError, Result};
 pub use kv_cache::{KvCacheLayout, PagedKvCache};
-pub use loader::{LoadOptions, LoadedModel, load_model};
+pub use loader::{DummyWeights, LoadOptions, LoadedModel, load_model};
 
 use candle_core::{Device, Tensor};
 

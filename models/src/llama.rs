@@ -109,34 +109,13 @@ impl HfConfig {
             vocab_size: self.vocab_size,
             rms_norm_eps: self.rms_norm_eps,
             rope_theta: self.rope_theta,
-            rope_scaling: parse_hf_rope_scaling(self.rope_scaling.as_ref())?,
+            rope_scaling: RopeScaling::from_hf_json(self.rope_scaling.as_ref())?,
             max_position_embeddings: self.max_position_embeddings,
             tie_word_embeddings: self.tie_word_embeddings,
             qkv_bias,
             o_bias,
             mlp_bias: self.mlp_bias,
         })
-    }
-}
-
-fn parse_hf_rope_scaling(v: Option<&serde_json::Value>) -> Result<RopeScaling, String> {
-    let Some(v) = v.filter(|v| !v.is_null()) else { return Ok(RopeScaling::None) };
-    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
-    let num = |k: &str| v.get(k).and_then(|x| x.as_f64()).ok_or_else(|| format!("rope_scaling.{k} is missing"));
-    match kind {
-        "default" => Ok(RopeScaling::None),
-        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? as f32 }),
-        "llama3" => Ok(RopeScaling::Llama3 {
-            factor: num("factor")? as f32,
-            low_freq_factor: num("low_freq_factor")? as f32,
-            high_freq_factor: num("high_freq_factor")? as f32,
-            original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
-        }),
-        other => {
-            // Dynamic NTK and YaRN only change positions past the original context.
-            tracing::warn!("rope_scaling type `{other}` is not supported; using unscaled rope");
-            Ok(RopeScaling::None)
-        }
     }
 }
 
@@ -212,7 +191,7 @@ impl Config {
     }
 
     pub fn kv_layout(&self) -> KvCacheLayout {
-        KvCacheLayout {
+        KvCacheLayout::PerHead {
             num_layers: self.num_hidden_layers,
             num_kv_heads: self.num_key_value_heads,
             head_dim: self.head_dim,
@@ -388,7 +367,7 @@ impl crate::CausalLm for Model {
         };
         let mut x = self.embed.forward(&batch.tokens, &self.device)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, cfg, &ctx, cache.layer(i))?;
+            x = layer.forward(&x, cfg, &ctx, cache.layer(i)?)?;
         }
         let rows = Tensor::new(batch.logits_rows.as_slice(), &self.device)?;
         let x = self.norm.forward(&x.index_select(&rows, 0)?)?;

@@ -7,6 +7,11 @@
 //!   or a directory holding exactly one `.gguf`;
 //! - `owner/name[@revision]`: an HF safetensors repo, fetched through the hub cache;
 //! - `owner/name[@revision]:file.gguf`: one GGUF file of an HF repo.
+//!
+//! With [`LoadOptions::dummy`], the spec is a `config.json` (or a directory holding one)
+//! and the weights are random ([`RandomWeights`]): any supported architecture at any size,
+//! for speed measurements without a download. The tokenizer is the directory's
+//! `tokenizer.json` if there is one, else [`ModelTokenizer::placeholder`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,8 +21,8 @@ use candle_core::{DType, Device};
 use crate::error::{ModelError, Result};
 use crate::llama::{self, Family};
 use crate::tokenizer::ModelTokenizer;
-use crate::weights::{GgufWeights, SafetensorsWeights, WeightSource};
-use crate::{CausalLm, qwen2};
+use crate::weights::{GgufWeights, RandomFormat, RandomWeights, SafetensorsWeights, WeightSource};
+use crate::{CausalLm, deepseek2, qwen2};
 
 /// How to load.
 #[derive(Clone, Debug)]
@@ -25,12 +30,21 @@ pub struct LoadOptions {
     pub device: Device,
     /// Weight dtype for safetensors checkpoints; default f32 on CPU, bf16 elsewhere.
     pub dtype: Option<DType>,
+    /// Random weights for the config the spec names.
+    pub dummy: Option<DummyWeights>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: None }
+        Self { device: Device::Cpu, dtype: None, dummy: None }
     }
+}
+
+/// Random weights instead of a checkpoint's.
+#[derive(Clone, Copy, Debug)]
+pub struct DummyWeights {
+    pub format: RandomFormat,
+    pub seed: u64,
 }
 
 /// A model ready to serve.
@@ -59,6 +73,9 @@ struct HfFiles {
 
 /// Loads the model named by `spec`.
 pub fn load_model(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
+    if let Some(dummy) = opts.dummy {
+        return load_dummy(spec, opts, dummy);
+    }
     let resolved = resolve(spec)?;
     tracing::info!(?resolved, "loading model");
     match resolved {
@@ -80,12 +97,89 @@ fn display_name(spec: &str, path: &Path) -> String {
     }
 }
 
-fn family_from_arch(arch: &str) -> Result<Family> {
+/// The architectures ragnode runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Arch {
+    Llama(Family),
+    DeepSeek2,
+}
+
+fn arch_from_name(arch: &str) -> Result<Arch> {
     match arch {
-        "llama" | "LlamaForCausalLM" | "MistralForCausalLM" | "mistral" => Ok(Family::Llama),
-        "qwen2" | "Qwen2ForCausalLM" => Ok(Family::Qwen2),
+        "llama" | "LlamaForCausalLM" | "MistralForCausalLM" | "mistral" => Ok(Arch::Llama(Family::Llama)),
+        "qwen2" | "Qwen2ForCausalLM" => Ok(Arch::Llama(Family::Qwen2)),
+        "deepseek2" | "DeepseekV2ForCausalLM" | "DeepseekV3ForCausalLM" | "deepseek_v2" | "deepseek_v3" => {
+            Ok(Arch::DeepSeek2)
+        }
         other => Err(ModelError::UnsupportedArchitecture(other.to_string())),
     }
+}
+
+/// A checkpoint's config, by architecture.
+enum ArchConfig {
+    Llama(llama::Config),
+    DeepSeek2(deepseek2::Config),
+}
+
+impl ArchConfig {
+    fn from_hf_json(path: &Path, json: &str) -> Result<Self> {
+        let cfg_err = |message: String| ModelError::Config { path: path.into(), message };
+        let value: serde_json::Value = serde_json::from_str(json).map_err(|e| cfg_err(e.to_string()))?;
+        let arch = value["architectures"][0]
+            .as_str()
+            .or_else(|| value["model_type"].as_str())
+            .ok_or_else(|| cfg_err("neither `architectures` nor `model_type` is set".into()))?;
+        match arch_from_name(arch)? {
+            Arch::Llama(Family::Llama) => llama::config_from_hf_json(json).map(Self::Llama),
+            Arch::Llama(Family::Qwen2) => qwen2::config_from_hf_json(json).map(Self::Llama),
+            Arch::DeepSeek2 => deepseek2::config_from_hf_json(json).map(Self::DeepSeek2),
+        }
+        .map_err(cfg_err)
+    }
+
+    fn vocab_size(&self) -> usize {
+        match self {
+            Self::Llama(c) => c.vocab_size,
+            Self::DeepSeek2(c) => c.vocab_size,
+        }
+    }
+
+    fn load(self, w: &mut WeightSource) -> Result<Arc<dyn CausalLm>> {
+        Ok(match self {
+            Self::Llama(c) => Arc::new(llama::Model::load(c, w)?),
+            Self::DeepSeek2(c) => Arc::new(deepseek2::Model::load(c, w)?),
+        })
+    }
+}
+
+fn load_dummy(spec: &str, opts: &LoadOptions, dummy: DummyWeights) -> Result<LoadedModel> {
+    let path = Path::new(spec);
+    let config = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
+    let json = std::fs::read_to_string(&config).map_err(|source| ModelError::Io { path: config.clone(), source })?;
+    let cfg = ArchConfig::from_hf_json(&config, &json)?;
+    let dir = config.parent().unwrap_or(Path::new("."));
+    let tokenizer = if dir.join("tokenizer.json").is_file() {
+        let opt = |n: &str| Some(dir.join(n)).filter(|p| p.is_file());
+        ModelTokenizer::from_hf_files(
+            &dir.join("tokenizer.json"),
+            opt("tokenizer_config.json").as_deref(),
+            opt("generation_config.json").as_deref(),
+        )?
+    } else {
+        ModelTokenizer::placeholder(cfg.vocab_size())?
+    };
+    tracing::info!(config = %config.display(), ?dummy, "building a model with random weights");
+    let mut source = WeightSource::Random(RandomWeights::new(dummy.format, dummy.seed, &opts.device));
+    let model = cfg.load(&mut source)?;
+    let name = format!(
+        "dummy-{}",
+        config
+            .parent()
+            .and_then(|d| d.file_name())
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    );
+    Ok(LoadedModel { model, tokenizer: Arc::new(tokenizer), name })
 }
 
 fn load_gguf(path: &Path, opts: &LoadOptions, name: String) -> Result<LoadedModel> {
@@ -94,29 +188,21 @@ fn load_gguf(path: &Path, opts: &LoadOptions, name: String) -> Result<LoadedMode
         g.content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().ok_or_else(|| {
             ModelError::Gguf { path: path.into(), message: "metadata `general.architecture` is missing".into() }
         })?;
-    let family = family_from_arch(&arch)?;
-    let cfg = llama::Config::from_gguf(&g.content, family, &arch)
-        .map_err(|message| ModelError::Config { path: path.into(), message })?;
+    let cfg_err = |message| ModelError::Config { path: path.into(), message };
+    let cfg = match arch_from_name(&arch)? {
+        Arch::Llama(family) => ArchConfig::Llama(llama::Config::from_gguf(&g.content, family, &arch).map_err(cfg_err)?),
+        Arch::DeepSeek2 => ArchConfig::DeepSeek2(deepseek2::Config::from_gguf(&g.content).map_err(cfg_err)?),
+    };
     let tokenizer = ModelTokenizer::from_gguf(&g.content)?;
     let mut source = WeightSource::Gguf(g);
-    let model = llama::Model::load(cfg, &mut source)?;
-    Ok(LoadedModel { model: Arc::new(model), tokenizer: Arc::new(tokenizer), name })
+    let model = cfg.load(&mut source)?;
+    Ok(LoadedModel { model, tokenizer: Arc::new(tokenizer), name })
 }
 
 fn load_hf(files: &HfFiles, opts: &LoadOptions, name: String) -> Result<LoadedModel> {
-    let cfg_err = |message: String| ModelError::Config { path: files.config.clone(), message };
     let json = std::fs::read_to_string(&files.config)
         .map_err(|source| ModelError::Io { path: files.config.clone(), source })?;
-    let value: serde_json::Value = serde_json::from_str(&json).map_err(|e| cfg_err(e.to_string()))?;
-    let arch = value["architectures"][0]
-        .as_str()
-        .or_else(|| value["model_type"].as_str())
-        .ok_or_else(|| cfg_err("neither `architectures` nor `model_type` is set".into()))?;
-    let cfg = match family_from_arch(arch)? {
-        Family::Llama => llama::config_from_hf_json(&json),
-        Family::Qwen2 => qwen2::config_from_hf_json(&json),
-    }
-    .map_err(cfg_err)?;
+    let cfg = ArchConfig::from_hf_json(&files.config, &json)?;
     let dtype = opts.dtype.unwrap_or(if opts.device.is_cpu() { DType::F32 } else { DType::BF16 });
     let tokenizer = ModelTokenizer::from_hf_files(
         &files.tokenizer,
@@ -124,8 +210,8 @@ fn load_hf(files: &HfFiles, opts: &LoadOptions, name: String) -> Result<LoadedMo
         files.generation_config.as_deref(),
     )?;
     let mut source = WeightSource::Safetensors(SafetensorsWeights::open(&files.weights, dtype, &opts.device)?);
-    let model = llama::Model::load(cfg, &mut source)?;
-    Ok(LoadedModel { model: Arc::new(model), tokenizer: Arc::new(tokenizer), name })
+    let model = cfg.load(&mut source)?;
+    Ok(LoadedModel { model, tokenizer: Arc::new(tokenizer), name })
 }
 
 fn resolve(spec: &str) -> Result<Resolved> {

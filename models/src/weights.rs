@@ -19,6 +19,8 @@ use crate::layers::{Linear, RmsNorm, TokenEmbedding};
 pub enum WeightSource {
     Gguf(GgufWeights),
     Safetensors(SafetensorsWeights),
+    /// Random weights made on request (`ragnode generate --dummy-weights`, benches).
+    Random(RandomWeights),
 }
 
 impl WeightSource {
@@ -26,6 +28,7 @@ impl WeightSource {
         match self {
             Self::Gguf(g) => &g.device,
             Self::Safetensors(s) => &s.device,
+            Self::Random(r) => &r.device,
         }
     }
 
@@ -33,7 +36,63 @@ impl WeightSource {
         match self {
             Self::Gguf(g) => g.content.tensor_infos.contains_key(&gguf_name(name, "weight")),
             Self::Safetensors(s) => s.vb.contains_tensor(&format!("{name}.weight")),
+            Self::Random(_) => true,
         }
+    }
+
+    /// A MoE router `name` (`[experts, hidden]`), kept dense in f32: its logits choose the
+    /// experts, so they are computed at full precision whatever the checkpoint's format.
+    pub fn router(&mut self, name: &str, hidden: usize, experts: usize) -> Result<Tensor> {
+        let w = match self {
+            Self::Gguf(g) => g.dense(&gguf_name(name, "weight"), &[experts, hidden])?,
+            Self::Safetensors(s) => s.get(&format!("{name}.weight"), &[experts, hidden])?.to_dtype(DType::F32)?,
+            Self::Random(r) => r.tensor(&format!("{name}.weight"), &[experts, hidden], (1.0 / hidden as f32).sqrt())?,
+        };
+        Ok(w)
+    }
+
+    /// DeepSeek-V3's `e_score_correction_bias` of the router `name`.
+    pub fn expert_bias(&mut self, name: &str, experts: usize) -> Result<Vec<f32>> {
+        let t = match self {
+            Self::Gguf(g) => {
+                let layer = name.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).unwrap_or("");
+                g.dense(&format!("blk.{layer}.exp_probs_b.bias"), &[experts])?
+            }
+            Self::Safetensors(s) => {
+                s.get(&format!("{name}.e_score_correction_bias"), &[experts])?.to_dtype(DType::F32)?
+            }
+            Self::Random(r) => r.tensor(&format!("{name}.e_score_correction_bias"), &[experts], 0.05)?,
+        };
+        Ok(t.to_vec1()?)
+    }
+
+    /// The routed experts of layer prefix `p` (`model.layers.N`): per expert (gate, up, down).
+    /// HF checkpoints hold them one by one (`mlp.experts.J.gate_proj`); GGUF stacks them
+    /// (`blk.N.ffn_gate_exps`).
+    pub fn experts(
+        &mut self,
+        p: &str,
+        experts: usize,
+        hidden: usize,
+        inter: usize,
+    ) -> Result<Vec<(Linear, Linear, Linear)>> {
+        if let Self::Gguf(g) = self {
+            let layer = p.strip_prefix("model.layers.").unwrap_or(p);
+            let gate = g.stacked(&format!("blk.{layer}.ffn_gate_exps.weight"), experts, inter, hidden)?;
+            let up = g.stacked(&format!("blk.{layer}.ffn_up_exps.weight"), experts, inter, hidden)?;
+            let down = g.stacked(&format!("blk.{layer}.ffn_down_exps.weight"), experts, hidden, inter)?;
+            return Ok(gate.into_iter().zip(up).zip(down).map(|((g, u), d)| (g, u, d)).collect());
+        }
+        (0..experts)
+            .map(|j| {
+                let e = format!("{p}.mlp.experts.{j}");
+                Ok((
+                    self.linear(&format!("{e}.gate_proj"), hidden, inter, false)?,
+                    self.linear(&format!("{e}.up_proj"), hidden, inter, false)?,
+                    self.linear(&format!("{e}.down_proj"), inter, hidden, false)?,
+                ))
+            })
+            .collect()
     }
 
     /// A linear layer `name` mapping `in_dim` to `out_dim`, with its bias if `bias`.
@@ -45,6 +104,7 @@ impl WeightSource {
                 let b = if bias { Some(s.get(&format!("{name}.bias"), &[out_dim])?) } else { None };
                 Linear::dense(w, b)
             }
+            Self::Random(r) => r.linear(name, in_dim, out_dim, bias),
         }
     }
 
@@ -52,6 +112,7 @@ impl WeightSource {
         let w = match self {
             Self::Gguf(g) => g.dense(&gguf_name(name, "weight"), &[dim])?,
             Self::Safetensors(s) => s.get(&format!("{name}.weight"), &[dim])?,
+            Self::Random(r) => (r.tensor(&format!("{name}.weight"), &[dim], 0.1)? + 1.0)?,
         };
         Ok(RmsNorm::new(w, eps))
     }
@@ -75,6 +136,7 @@ impl WeightSource {
                 }
             }
             Self::Safetensors(s) => Ok(TokenEmbedding::Dense(s.get(&format!("{name}.weight"), &[vocab, dim])?)),
+            Self::Random(r) => r.embedding(name, vocab, dim),
         }
     }
 
@@ -95,6 +157,7 @@ impl WeightSource {
                     Ok(None)
                 }
             }
+            Self::Random(_) => Ok(None),
         }
     }
 }
@@ -117,6 +180,17 @@ pub fn gguf_name(hf: &str, suffix: &str) -> String {
                     "mlp.gate_proj" => "ffn_gate",
                     "mlp.up_proj" => "ffn_up",
                     "mlp.down_proj" => "ffn_down",
+                    // DeepSeek-V2/V3 (llama.cpp `deepseek2`).
+                    "self_attn.q_a_proj" => "attn_q_a",
+                    "self_attn.q_a_layernorm" => "attn_q_a_norm",
+                    "self_attn.q_b_proj" => "attn_q_b",
+                    "self_attn.kv_a_proj_with_mqa" => "attn_kv_a_mqa",
+                    "self_attn.kv_a_layernorm" => "attn_kv_a_norm",
+                    "self_attn.kv_b_proj" => "attn_kv_b",
+                    "mlp.gate" => "ffn_gate_inp",
+                    "mlp.shared_experts.gate_proj" => "ffn_gate_shexp",
+                    "mlp.shared_experts.up_proj" => "ffn_up_shexp",
+                    "mlp.shared_experts.down_proj" => "ffn_down_shexp",
                     other => other,
                 };
                 format!("blk.{layer}.{part}")
@@ -204,6 +278,34 @@ impl GgufWeights {
         Ok(q.dequantize(&self.device)?)
     }
 
+    /// Splits a stacked `[experts, rows, cols]` tensor into one linear layer per expert.
+    fn stacked(&mut self, name: &str, experts: usize, rows: usize, cols: usize) -> Result<Vec<Linear>> {
+        let raw = self.raw(name, &[experts, rows, cols])?;
+        let per = raw.bytes.len() / experts;
+        raw.bytes
+            .chunks_exact(per)
+            .map(|bytes| self.linear_from_raw(&RawTensor { dtype: raw.dtype, bytes: bytes.to_vec() }, rows, cols, None))
+            .collect()
+    }
+
+    fn linear_from_raw(&self, raw: &RawTensor, out_dim: usize, in_dim: usize, b: Option<Tensor>) -> Result<Linear> {
+        match raw.dtype {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                let q = ggml_file::qtensor_from_ggml(raw.dtype, &raw.bytes, vec![out_dim, in_dim], &self.device)?;
+                Linear::dense(q.dequantize(&self.device)?, b)
+            }
+            dtype => {
+                if use_ragnode_kernels(&self.device)
+                    && let Some(m) = QuantMatrix::from_ggml(dtype, &raw.bytes, out_dim, in_dim)?
+                {
+                    return Ok(Linear::quant(Arc::new(m), b));
+                }
+                let q = ggml_file::qtensor_from_ggml(dtype, &raw.bytes, vec![out_dim, in_dim], &self.device)?;
+                Linear::candle_quant(q, b)
+            }
+        }
+    }
+
     fn linear(&mut self, hf: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
         let name = gguf_name(hf, "weight");
         let mut raw = self.raw(&name, &[out_dim, in_dim])?;
@@ -227,21 +329,7 @@ impl GgufWeights {
         } else {
             None
         };
-        match raw.dtype {
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
-                let q = ggml_file::qtensor_from_ggml(raw.dtype, &raw.bytes, vec![out_dim, in_dim], &self.device)?;
-                Linear::dense(q.dequantize(&self.device)?, b)
-            }
-            dtype => {
-                if use_ragnode_kernels(&self.device)
-                    && let Some(m) = QuantMatrix::from_ggml(dtype, &raw.bytes, out_dim, in_dim)?
-                {
-                    return Ok(Linear::quant(Arc::new(m), b));
-                }
-                let q = ggml_file::qtensor_from_ggml(dtype, &raw.bytes, vec![out_dim, in_dim], &self.device)?;
-                Linear::candle_quant(q, b)
-            }
-        }
+        self.linear_from_raw(&raw, out_dim, in_dim, b)
     }
 }
 
@@ -276,6 +364,124 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 
 fn bytemuck_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// The storage format of random weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RandomFormat {
+    F32,
+    F16,
+    BF16,
+    /// A GGML block format (Q4_0, Q8_0, Q4_K, ...), quantized at load.
+    Ggml(GgmlDType),
+}
+
+impl std::str::FromStr for RandomFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "f32" => Self::F32,
+            "f16" => Self::F16,
+            "bf16" => Self::BF16,
+            "q4_0" => Self::Ggml(GgmlDType::Q4_0),
+            "q4_1" => Self::Ggml(GgmlDType::Q4_1),
+            "q5_0" => Self::Ggml(GgmlDType::Q5_0),
+            "q5_1" => Self::Ggml(GgmlDType::Q5_1),
+            "q8_0" => Self::Ggml(GgmlDType::Q8_0),
+            "q4_k" => Self::Ggml(GgmlDType::Q4K),
+            "q5_k" => Self::Ggml(GgmlDType::Q5K),
+            "q6_k" => Self::Ggml(GgmlDType::Q6K),
+            other => {
+                return Err(format!(
+                    "unknown weight format `{other}` (f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k)"
+                ));
+            }
+        })
+    }
+}
+
+/// Random weights for a config, made when the model asks for each tensor: every tensor is
+/// a function of `seed` and its name alone (so load order does not matter), uniform with
+/// the variance of a standard initialisation (`1/fan_in`), norms near 1. Linear layers are
+/// stored in `format`; norms, routers and biases stay f32.
+pub struct RandomWeights {
+    device: Device,
+    format: RandomFormat,
+    seed: u64,
+}
+
+impl RandomWeights {
+    pub fn new(format: RandomFormat, seed: u64, device: &Device) -> Self {
+        Self { device: device.clone(), format, seed }
+    }
+
+    /// `n` uniform values in `[-bound, bound]` for tensor `name`.
+    fn values(&self, name: &str, n: usize, bound: f32) -> Vec<f32> {
+        // FNV-1a of the name, then splitmix64: cheap and reproducible.
+        let mut state = name
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64 ^ self.seed, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3));
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^= z >> 31;
+                ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * bound
+            })
+            .collect()
+    }
+
+    fn tensor(&self, name: &str, shape: &[usize], bound: f32) -> Result<Tensor> {
+        let n = shape.iter().product();
+        Ok(Tensor::from_vec(self.values(name, n, bound), shape, &self.device)?)
+    }
+
+    fn linear(&self, name: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+        // Uniform in ±sqrt(3/in) has variance 1/in.
+        let w = self.tensor(&format!("{name}.weight"), &[out_dim, in_dim], (3.0 / in_dim as f32).sqrt())?;
+        let b = if bias { Some(self.tensor(&format!("{name}.bias"), &[out_dim], 0.02)?) } else { None };
+        match self.format {
+            RandomFormat::F32 => Linear::dense(w, b),
+            RandomFormat::F16 => Linear::dense(w.to_dtype(DType::F16)?, b.map(|b| b.to_dtype(DType::F16)).transpose()?),
+            RandomFormat::BF16 => {
+                Linear::dense(w.to_dtype(DType::BF16)?, b.map(|b| b.to_dtype(DType::BF16)).transpose()?)
+            }
+            RandomFormat::Ggml(dtype) => {
+                if !in_dim.is_multiple_of(dtype.block_size()) {
+                    return Err(ModelError::Config {
+                        path: PathBuf::from(name),
+                        message: format!("{in_dim} inputs are not whole {dtype:?} blocks of {}", dtype.block_size()),
+                    });
+                }
+                let q = candle_core::quantized::QTensor::quantize(&w, dtype)?;
+                if use_ragnode_kernels(&self.device)
+                    && let Some(m) = QuantMatrix::from_ggml(dtype, &q.data()?, out_dim, in_dim)?
+                {
+                    return Ok(Linear::quant(Arc::new(m), b));
+                }
+                Linear::candle_quant(q, b)
+            }
+        }
+    }
+
+    fn embedding(&self, name: &str, vocab: usize, dim: usize) -> Result<TokenEmbedding> {
+        let w = self.tensor(&format!("{name}.weight"), &[vocab, dim], 1.0)?;
+        match self.format {
+            RandomFormat::Ggml(dtype) if dim.is_multiple_of(dtype.block_size()) => {
+                let q = candle_core::quantized::QTensor::quantize(&w, dtype)?;
+                if use_ragnode_kernels(&self.device)
+                    && let Some(m) = QuantMatrix::from_ggml(dtype, &q.data()?, vocab, dim)?
+                {
+                    return Ok(TokenEmbedding::Quant(Arc::new(m)));
+                }
+                Ok(TokenEmbedding::CandleQuant(Arc::new(q)))
+            }
+            _ => Ok(TokenEmbedding::Dense(w)),
+        }
+    }
 }
 
 /// HF safetensors shards, memory-mapped.

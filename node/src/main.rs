@@ -18,7 +18,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use ragnode_inference::{Engine, EngineConfig, FinishReason, GenerationRequest, SamplingParams, StreamEvent};
 use ragnode_models::tokenizer::ChatMessage;
-use ragnode_models::{LoadOptions, load_model};
+use ragnode_models::{DummyWeights, LoadOptions, load_model};
 
 #[derive(Parser)]
 #[command(name = "ragnode", version, about = "An inference node for customer-service AI: LLM serving with retrieval")]
@@ -71,8 +71,18 @@ enum ClusterCommand {
 struct GenerateArgs {
     /// A .gguf file, an HF checkpoint directory, or a Hugging Face repo id
     /// (`owner/name`, `owner/name:file.gguf`, `owner/name@revision`).
-    #[arg(long)]
-    model: String,
+    #[arg(long, required_unless_present = "dummy_weights", conflicts_with = "dummy_weights")]
+    model: Option<String>,
+    /// Build the architecture a config.json describes (Llama, Qwen2, DeepSeek-V2/V3) with
+    /// random weights instead of loading a checkpoint: for speed at any size without a
+    /// download. Uses the config's directory's tokenizer.json if there is one, else a
+    /// placeholder vocabulary (the text means nothing).
+    #[arg(long, value_name = "CONFIG.json")]
+    dummy_weights: Option<String>,
+    /// Storage format of the random weights: f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0,
+    /// q4_k, q5_k, q6_k.
+    #[arg(long, default_value = "q8_0", requires = "dummy_weights")]
+    dummy_format: String,
     /// The prompt text.
     #[arg(long)]
     prompt: String,
@@ -150,8 +160,15 @@ fn main() {
 
 fn generate(args: GenerateArgs) -> Result<()> {
     let started = Instant::now();
-    let loaded =
-        load_model(&args.model, &LoadOptions::default()).with_context(|| format!("loading model `{}`", args.model))?;
+    let (spec, opts) = match (&args.model, &args.dummy_weights) {
+        (_, Some(config)) => {
+            let format = args.dummy_format.parse().map_err(|e: String| anyhow::anyhow!("--dummy-format: {e}"))?;
+            (config.clone(), LoadOptions { dummy: Some(DummyWeights { format, seed: 0 }), ..LoadOptions::default() })
+        }
+        (Some(model), None) => (model.clone(), LoadOptions::default()),
+        (None, None) => bail!("--model or --dummy-weights is required"),
+    };
+    let loaded = load_model(&spec, &opts).with_context(|| format!("loading model `{spec}`"))?;
     let tok = loaded.tokenizer.clone();
     let prompt_ids = if args.chat {
         let mut messages = Vec::new();

@@ -91,6 +91,36 @@ pub fn argmax(xs: &[f32]) -> u32 {
     best as u32
 }
 
+/// Compares a model with a one-sequence reference over `prompt` and `steps` greedy steps
+/// (the reference's choices feed both, so every step is compared on equal input).
+/// `reference_step(tokens, position)` returns the reference's logits after `tokens`.
+/// Panics past `tol`; returns the largest difference seen.
+pub fn compare_greedy(
+    ours: &dyn ragnode_models::CausalLm,
+    prompt: &[u32],
+    steps: usize,
+    tol: f32,
+    mut reference_step: impl FnMut(&[u32], usize) -> Vec<f32>,
+) -> f32 {
+    let n = prompt.len();
+    let mut tokens = prompt.to_vec();
+    let mut ref_logits = vec![reference_step(prompt, 0)];
+    for _ in 0..steps {
+        let t = argmax(ref_logits.last().expect("logits"));
+        let pos = tokens.len();
+        tokens.push(t);
+        ref_logits.push(reference_step(&[t], pos));
+    }
+    let ours = run_sequence(ours, prompt, steps, |i, _| tokens[n + i]);
+    let mut worst = 0f32;
+    for (step, (a, b)) in ours.iter().zip(&ref_logits).enumerate() {
+        let d = max_abs_diff(a, b);
+        worst = worst.max(d);
+        assert!(d < tol, "step {step}: max abs logit diff {d} (tolerance {tol})");
+    }
+    worst
+}
+
 /// Largest absolute difference between two equally long slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());

@@ -147,6 +147,29 @@ impl ModelTokenizer {
         Ok(Self::from_parts(hf::build(tokenizer_json, tokenizer_config, generation_config)?))
     }
 
+    /// A stand-in for models without a tokenizer (random-weight checkpoints made from a
+    /// config alone): token `i` is the word `<i>`, ids 0/1/2 are unk/bos/eos, text is split
+    /// on whitespace and unknown words map to unk. Enough to drive the engine and measure
+    /// speed; the text it decodes means nothing.
+    pub fn placeholder(vocab_size: usize) -> Result<Self, TokenizerError> {
+        use tokenizers::models::wordlevel::WordLevel;
+        let vocab_size = vocab_size.max(3);
+        let vocab: std::collections::HashMap<String, u32> =
+            (0..vocab_size as u32).map(|i| (format!("<{i}>"), i)).collect();
+        let model = WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("<0>".into()).build()?;
+        let mut tokenizer = tokenizers::Tokenizer::new(model);
+        tokenizer.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
+        Ok(Self::from_parts(Parts {
+            tokenizer,
+            bos: Some(1),
+            eos: Some(2),
+            add_bos: true,
+            add_eos: false,
+            stop_ids: vec![2],
+            chat_template: ChatTemplate::plain(Some("<1>"), Some("<2>")),
+        }))
+    }
+
     fn from_parts(parts: Parts) -> Self {
         let vocab_size = parts.tokenizer.get_vocab_size(true);
         let mut special = vec![false; vocab_size];
