@@ -2,6 +2,9 @@
 //! aggregate decode tok/s with concurrent streams. Prints a markdown table.
 //!
 //! cargo run --release -p ragnode-benches --bin engine-bench -- [--model PATH] [--threads 2]
+//! cargo run --release -p ragnode-benches --bin engine-bench -- --dummy-weights CONFIG.json
+//!   (random weights for any supported architecture at any size; each stream then gets its
+//!   own random prompt, so MoE streams route to different experts as real traffic does)
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +14,7 @@ use ragnode_inference::{
     Engine, EngineConfig, EngineHandle, GenerationRequest, SamplingParams, StreamEvent, TokenStream,
 };
 use ragnode_models::tokenizer::ChatMessage;
-use ragnode_models::{LoadOptions, load_model};
+use ragnode_models::{DummyWeights, LoadOptions, load_model};
 
 #[derive(Parser)]
 struct Args {
@@ -36,6 +39,13 @@ struct Args {
     /// Repetitions (the median is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Build the architecture a config.json describes with random weights instead of
+    /// loading a model.
+    #[arg(long, value_name = "CONFIG.json", conflicts_with = "model")]
+    dummy_weights: Option<String>,
+    /// Storage format of the random weights (f32, bf16, q4_0, q8_0, q4_k, ...).
+    #[arg(long, default_value = "q4_0")]
+    dummy_format: String,
 }
 
 struct RunResult {
@@ -71,15 +81,15 @@ async fn finish(stream: &mut TokenStream) -> Result<RunResult> {
 
 /// `n` concurrent greedy streams: (sum of the streams' decode rates, tokens per wall-clock
 /// second including prefill and ramp-up).
-fn run_streams(engine: &EngineHandle, prompt: &[u32], n: usize, max_tokens: usize) -> Result<(f64, f64)> {
+fn run_streams(engine: &EngineHandle, prompts: &[Vec<u32>], n: usize, max_tokens: usize) -> Result<(f64, f64)> {
     let start = Instant::now();
     // One consumer thread for all streams (as a server's event loop would be), so the
     // bench does not add n threads competing with the engine for the cores.
     let rt = tokio::runtime::Builder::new_current_thread().build()?;
     let results = rt.block_on(async {
         let mut set = tokio::task::JoinSet::new();
-        for _ in 0..n {
-            let mut stream = engine.submit(greedy(prompt.to_vec(), max_tokens))?;
+        for i in 0..n {
+            let mut stream = engine.submit(greedy(prompts[i % prompts.len()].clone(), max_tokens))?;
             set.spawn(async move { finish(&mut stream).await });
         }
         let mut out = Vec::new();
@@ -123,12 +133,19 @@ fn main() -> Result<()> {
     let args = Args::parse();
     // SAFETY: single-threaded at this point; candle reads it when its pool starts.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string()) };
-    let model = args.model.clone().unwrap_or_else(|| {
+    let model = args.model.clone().or(args.dummy_weights.clone()).unwrap_or_else(|| {
         let cache = std::env::var("RAGNODE_CACHE")
             .unwrap_or_else(|_| format!("{}/.cache/ragnode", std::env::var("HOME").unwrap_or_default()));
         format!("{cache}/models/SmolLM2-135M-Instruct.Q4_1.gguf")
     });
-    let loaded = load_model(&model, &LoadOptions::default()).with_context(|| format!("loading {model}"))?;
+    let mut opts = LoadOptions::default();
+    if args.dummy_weights.is_some() {
+        let format = args.dummy_format.parse().map_err(|e: String| anyhow::anyhow!("--dummy-format: {e}"))?;
+        opts.dummy = Some(DummyWeights { format, seed: 0 });
+    }
+    let load_started = Instant::now();
+    let loaded = load_model(&model, &opts).with_context(|| format!("loading {model}"))?;
+    let load_secs = load_started.elapsed().as_secs_f64();
     let tok = loaded.tokenizer.clone();
     let kv_dtype = match args.kv_dtype.as_deref() {
         None => None,
@@ -157,6 +174,18 @@ fn main() -> Result<()> {
         true,
     )?;
     let short_ids = tok.encode(&chat, false)?;
+    // Per-stream prompts: the real model's chat prompt for all; random weights get random
+    // 32-token prompts, one per stream (the placeholder vocabulary would make every prompt
+    // the same unknown token, and identical MoE streams would share their experts).
+    let prompts: Vec<Vec<u32>> = if args.dummy_weights.is_some() {
+        let vocab = loaded.model.vocab_size() as u64;
+        (0..64u64)
+            .map(|s| (0..32u64).map(|j| ((s * 7919 + j * 104_729 + 13) * 2_654_435_761 % vocab) as u32).collect())
+            .collect()
+    } else {
+        vec![short_ids.clone()]
+    };
+    let short_ids = prompts[0].clone();
 
     // Warm-up (page in weights, start the thread pool).
     run_one(&engine, short_ids.clone(), 8)?;
@@ -174,7 +203,7 @@ fn main() -> Result<()> {
         let r = run_one(&engine, short_ids.clone(), args.decode_tokens)?;
         single.push((r.generated - 1) as f64 / (r.total - r.ttft).as_secs_f64());
         for (&n, (decode, wall)) in args.streams.iter().zip(&mut multi) {
-            let (d, w) = run_streams(&engine, &short_ids, n, args.decode_tokens)?;
+            let (d, w) = run_streams(&engine, &prompts, n, args.decode_tokens)?;
             decode.push(d);
             wall.push(w);
         }
@@ -194,7 +223,10 @@ fn main() -> Result<()> {
     }
     engine.shutdown();
 
-    println!("model: {model}");
+    match &opts.dummy {
+        Some(d) => println!("model: {model} with random {:?} weights (built in {load_secs:.1} s)", d.format),
+        None => println!("model: {model}"),
+    }
     println!("machine: {} ({} threads), {}", cpu_name(), args.threads, std::env::consts::ARCH);
     println!();
     println!("| measurement | tokens/s | note |");
