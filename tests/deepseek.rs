@@ -418,3 +418,138 @@ fn batched_requests_produce_exactly_their_solo_tokens() {
     let serial_steps: usize = prompts.iter().map(|p| p.len().div_ceil(64) + 23).sum();
     assert!((stats.steps as usize) < serial_steps, "{} steps, {serial_steps} if serial", stats.steps);
 }
+
+/// Writes `weights` (HF names) as a llama.cpp `deepseek2` GGUF: llama.cpp's tensor names,
+/// routed experts stacked per layer (`ffn_{gate,up,down}_exps`), V3's bias as
+/// `exp_probs_b.bias`, the `deepseek2.*` metadata its converter writes; all f32.
+fn write_deepseek2_gguf(path: &Path, cfg: &serde_json::Value, weights: &HashMap<String, Tensor>) {
+    use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+    let u = |k: &str| cfg[k].as_u64().unwrap_or(0) as u32;
+    let f32q = |t: &Tensor| QTensor::quantize(t, GgmlDType::F32).unwrap();
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut experts: HashMap<(String, String), Vec<(usize, Tensor)>> = HashMap::new();
+    for (name, t) in weights {
+        if let Some((layer, rest)) = name.strip_prefix("model.layers.").and_then(|r| r.split_once(".mlp.experts.")) {
+            let (j, proj) = rest.split_once('.').unwrap();
+            let kind = proj.strip_suffix("_proj.weight").unwrap().to_string();
+            experts.entry((layer.to_string(), kind)).or_default().push((j.parse().unwrap(), t.clone()));
+        } else if let Some(layer) = name.strip_suffix(".mlp.gate.e_score_correction_bias") {
+            let layer = layer.strip_prefix("model.layers.").unwrap();
+            tensors.push((format!("blk.{layer}.exp_probs_b.bias"), f32q(t)));
+        } else {
+            let base = name.strip_suffix(".weight").unwrap();
+            tensors.push((ragnode_models::weights::gguf_name(base, "weight"), f32q(t)));
+        }
+    }
+    for ((layer, kind), mut list) in experts {
+        list.sort_by_key(|p| p.0);
+        let stacked = Tensor::stack(&list.into_iter().map(|p| p.1).collect::<Vec<_>>(), 0).unwrap();
+        tensors.push((format!("blk.{layer}.ffn_{kind}_exps.weight"), f32q(&stacked)));
+    }
+    use gguf_file::Value as V;
+    let rs = &cfg["rope_scaling"];
+    let mut md: Vec<(&str, V)> = vec![
+        ("general.architecture", V::String("deepseek2".into())),
+        ("deepseek2.block_count", V::U32(u("num_hidden_layers"))),
+        ("deepseek2.context_length", V::U32(u("max_position_embeddings"))),
+        ("deepseek2.embedding_length", V::U32(u("hidden_size"))),
+        ("deepseek2.feed_forward_length", V::U32(u("intermediate_size"))),
+        ("deepseek2.attention.head_count", V::U32(u("num_attention_heads"))),
+        ("deepseek2.attention.head_count_kv", V::U32(u("num_attention_heads"))),
+        ("deepseek2.rope.freq_base", V::F32(10000.0)),
+        ("deepseek2.attention.layer_norm_rms_epsilon", V::F32(1e-6)),
+        ("deepseek2.vocab_size", V::U32(u("vocab_size"))),
+        ("deepseek2.attention.kv_lora_rank", V::U32(u("kv_lora_rank"))),
+        ("deepseek2.attention.key_length", V::U32(u("qk_nope_head_dim") + u("qk_rope_head_dim"))),
+        ("deepseek2.attention.value_length", V::U32(u("v_head_dim"))),
+        ("deepseek2.rope.dimension_count", V::U32(u("qk_rope_head_dim"))),
+        ("deepseek2.leading_dense_block_count", V::U32(u("first_k_dense_replace"))),
+        ("deepseek2.expert_feed_forward_length", V::U32(u("moe_intermediate_size"))),
+        ("deepseek2.expert_count", V::U32(u("n_routed_experts"))),
+        ("deepseek2.expert_shared_count", V::U32(u("n_shared_experts"))),
+        ("deepseek2.expert_used_count", V::U32(u("num_experts_per_tok"))),
+        ("deepseek2.expert_weights_scale", V::F32(cfg["routed_scaling_factor"].as_f64().unwrap() as f32)),
+        ("deepseek2.expert_weights_norm", V::Bool(cfg["norm_topk_prob"].as_bool().unwrap())),
+        ("deepseek2.expert_gating_func", V::U32(if cfg["scoring_func"] == "sigmoid" { 2 } else { 1 })),
+        ("deepseek2.expert_group_count", V::U32(u("n_group"))),
+        ("deepseek2.expert_group_used_count", V::U32(u("topk_group"))),
+        ("deepseek2.rope.scaling.type", V::String("yarn".into())),
+        ("deepseek2.rope.scaling.factor", V::F32(rs["factor"].as_f64().unwrap() as f32)),
+        (
+            "deepseek2.rope.scaling.original_context_length",
+            V::U32(rs["original_max_position_embeddings"].as_u64().unwrap() as u32),
+        ),
+        ("deepseek2.rope.scaling.yarn_log_multiplier", V::F32(0.1 * rs["mscale_all_dim"].as_f64().unwrap() as f32)),
+    ];
+    if let Some(q) = cfg["q_lora_rank"].as_u64() {
+        md.push(("deepseek2.attention.q_lora_rank", V::U32(q as u32)));
+    }
+    let md_refs: Vec<(&str, &V)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
+}
+
+#[test]
+fn deepseek2_gguf_loads_like_the_safetensors_checkpoint() {
+    // llama.cpp keeps DeepSeek's rope magnitude at 1 (mscale == mscale_all_dim in the
+    // released configs), so the GGUF carries only mscale_all_dim: use such a config.
+    for mut cfg in [v2_config(None), v3_config()] {
+        cfg["rope_scaling"]["mscale"] = cfg["rope_scaling"]["mscale_all_dim"].clone();
+        let dir = tempdir();
+        write_checkpoint(dir.path(), &cfg);
+        let weights = random_checkpoint(&cfg);
+        let gguf = dir.path().join("model.gguf");
+        write_deepseek2_gguf(&gguf, &cfg, &weights);
+        let from_st = load_ours(dir.path(), MlaCache::Latent);
+        let g = ragnode_models::weights::GgufWeights::open(&gguf, &Device::Cpu).unwrap();
+        let gcfg = deepseek2::Config::from_gguf(&g.content).unwrap();
+        let st = from_st.config();
+        assert_eq!(gcfg.moe, st.moe, "{}", cfg["model_type"]);
+        assert_eq!(
+            (gcfg.q_lora_rank, gcfg.latent_dim(), gcfg.qk_head_dim()),
+            (st.q_lora_rank, st.latent_dim(), st.qk_head_dim())
+        );
+        assert!((gcfg.softmax_scale() - st.softmax_scale()).abs() < 1e-6);
+        let from_gguf = deepseek2::Model::load(gcfg, &mut WeightSource::Gguf(g)).unwrap();
+        let reference = std::cell::RefCell::new(prompt_32());
+        let mut first = true;
+        let worst = compare_greedy(&from_gguf, &prompt_32(), 8, 1e-4, |step, _| {
+            if !first {
+                reference.borrow_mut().extend_from_slice(step);
+            }
+            first = false;
+            run_sequence(&from_st, &reference.borrow(), 0, |_, _| 0).pop().unwrap()
+        });
+        eprintln!("{}: GGUF vs safetensors worst logit difference {worst:e}", cfg["model_type"]);
+    }
+}
+
+#[test]
+fn generate_with_dummy_weights_runs_any_config() {
+    let dir = tempdir();
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, v3_config().to_string()).unwrap();
+    let run = |extra: &[&str]| {
+        std::process::Command::new(ragnode_tests::ragnode_bin())
+            .args(["generate", "--dummy-weights", config.to_str().unwrap(), "--prompt", "hi", "--max-tokens", "5"])
+            .args(["--ignore-eos"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let ok = run(&["--dummy-format", "f32"]);
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(stdout.contains("generated tokens: 5"), "{stdout}");
+    let bad = run(&["--dummy-format", "q9_9"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown weight format `q9_9`"));
+    // A config that cannot work is a clear error naming the file.
+    let mut broken = v3_config();
+    broken["num_experts_per_tok"] = serde_json::json!(99);
+    std::fs::write(&config, broken.to_string()).unwrap();
+    let bad = run(&[]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("config.json") && err.contains("num_experts_per_tok"), "{err}");
+}
