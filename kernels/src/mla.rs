@@ -22,7 +22,7 @@ use half::{bf16, f16};
 
 use crate::attention::SeqSpan;
 use crate::math::{axpy, dot16_inline, exp_approx};
-use crate::par::SharedOut;
+use crate::par::{SharedOut, with_f32};
 
 /// Shape of one layer's latent cache.
 pub fn latent_cache_shape(num_blocks: usize, block_size: usize, latent_dim: usize) -> Shape {
@@ -168,18 +168,19 @@ pub fn head_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let y = x.transpose(0, 1)?.contiguous()?.matmul(&w.to_dtype(x.dtype())?)?;
         return y.transpose(0, 1)?.contiguous();
     }
-    let x = x.to_dtype(DType::F32)?.contiguous()?;
-    let w = w.to_dtype(DType::F32)?.contiguous()?;
-    let (xs, ws) = (x.flatten_all()?.to_vec1::<f32>()?, w.flatten_all()?.to_vec1::<f32>()?);
     let mut out = vec![0f32; t * h * n];
-    crate::par::for_rows(t * h, n, &mut out, |r, o| {
-        let head = r % h;
-        let xr = &xs[r * k..(r + 1) * k];
-        let wh = &ws[head * k * n..(head + 1) * k * n];
-        for (kk, &xv) in xr.iter().enumerate() {
-            axpy(xv, &wh[kk * n..(kk + 1) * n], o);
-        }
-    });
+    with_f32(&x.to_dtype(DType::F32)?, |xs| {
+        with_f32(&w.to_dtype(DType::F32)?, |ws| {
+            crate::par::for_rows(t * h, n, &mut out, |r, o| {
+                let head = r % h;
+                let xr = &xs[r * k..(r + 1) * k];
+                let wh = &ws[head * k * n..(head + 1) * k * n];
+                for (kk, &xv) in xr.iter().enumerate() {
+                    axpy(xv, &wh[kk * n..(kk + 1) * n], o);
+                }
+            })
+        })
+    })??;
     Tensor::from_vec(out, (t, h, n), &Device::Cpu)
 }
 

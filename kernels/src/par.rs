@@ -39,3 +39,13 @@ pub(crate) fn for_rows(rows: usize, width: usize, out: &mut [f32], f: impl Fn(us
         candle_core::utils::barrier_pool().execute_chunked(rows, run);
     }
 }
+
+/// Runs `f` on a CPU f32 tensor's elements in place (no copy when it is contiguous).
+pub(crate) fn with_f32<R>(t: &candle_core::Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
+        _ => candle_core::bail!("expected a contiguous f32 CPU tensor, got {:?} on {:?}", t.dtype(), t.device()),
+    }
+}

@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 
 use crate::math::sum16;
-use crate::par::{PARALLEL_MIN, SharedOut, for_rows};
+use crate::par::{PARALLEL_MIN, SharedOut, for_rows, with_f32};
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     match l.contiguous_offsets() {
@@ -29,15 +29,17 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
         return x.matmul(&w.t()?);
     }
-    let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let ws = w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
     let mut out = vec![0f32; t * n];
-    for_rows(t, n, &mut out, |r, o| {
-        let xr = &xs[r * k..(r + 1) * k];
-        for (j, y) in o.iter_mut().enumerate() {
-            *y = crate::math::dot16(xr, &ws[j * k..(j + 1) * k]);
-        }
-    });
+    with_f32(x, |xs| {
+        with_f32(w, |ws| {
+            for_rows(t, n, &mut out, |r, o| {
+                let xr = &xs[r * k..(r + 1) * k];
+                for (j, y) in o.iter_mut().enumerate() {
+                    *y = crate::math::dot16(xr, &ws[j * k..(j + 1) * k]);
+                }
+            })
+        })
+    })??;
     Tensor::from_vec(out, (t, n), x.device())
 }
 

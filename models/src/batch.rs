@@ -17,6 +17,24 @@ pub struct BatchInput {
 }
 
 impl BatchInput {
+    /// Checks a step against the model: the cache has the model's layout and every token is
+    /// in its vocabulary.
+    pub fn check(
+        &self,
+        cache: crate::KvCacheLayout,
+        model: crate::KvCacheLayout,
+        vocab_size: usize,
+    ) -> crate::Result<()> {
+        let err = |m: String| crate::ModelError::Candle(candle_core::Error::Msg(m));
+        if cache != model {
+            return Err(err(format!("kv cache layout {cache:?} does not fit the model {model:?}")));
+        }
+        match self.tokens.iter().find(|&&t| t as usize >= vocab_size) {
+            Some(&bad) => Err(err(format!("token id {bad} is outside the vocabulary ({vocab_size})"))),
+            None => Ok(()),
+        }
+    }
+
     pub fn num_tokens(&self) -> usize {
         self.tokens.len()
     }

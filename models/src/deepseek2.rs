@@ -34,9 +34,10 @@ use ragnode_kernels::rowwise::{add, matmul_t};
 use serde::Deserialize;
 
 use crate::batch::BatchInput;
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 use crate::kv_cache::{KvCacheLayout, PagedKvCache};
 use crate::layers::{Linear, RmsNorm, RopeScaling, RotaryEmbedding, TokenEmbedding, yarn_mscale};
+use crate::llama::gguf_usize;
 use crate::weights::WeightSource;
 
 /// How expert scores are computed from the router logits.
@@ -403,19 +404,6 @@ impl Config {
         };
         cfg.validate()?;
         Ok(cfg)
-    }
-}
-
-fn gguf_usize(v: &gguf_file::Value) -> Option<usize> {
-    use gguf_file::Value::*;
-    match v {
-        U8(x) => Some(*x as usize),
-        U16(x) => Some(*x as usize),
-        U32(x) => Some(*x as usize),
-        U64(x) => Some(*x as usize),
-        I32(x) if *x >= 0 => Some(*x as usize),
-        I64(x) if *x >= 0 => Some(*x as usize),
-        _ => None,
     }
 }
 
@@ -806,20 +794,7 @@ impl crate::CausalLm for Model {
         if batch.tokens.is_empty() {
             return Ok(Tensor::zeros((0, cfg.vocab_size), DType::F32, &self.device)?);
         }
-        if cache.layout() != cfg.kv_layout(self.mode) {
-            return Err(candle_core::Error::Msg(format!(
-                "kv cache layout {:?} does not fit the model {:?}",
-                cache.layout(),
-                cfg.kv_layout(self.mode)
-            ))
-            .into());
-        }
-        if let Some(&bad) = batch.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            return Err(ModelError::Candle(candle_core::Error::Msg(format!(
-                "token id {bad} is outside the vocabulary ({})",
-                cfg.vocab_size
-            ))));
-        }
+        batch.check(cache.layout(), cfg.kv_layout(self.mode), cfg.vocab_size)?;
         let (cos, sin) = self.rope.tables(&batch.positions, &self.device)?;
         let ctx = StepContext {
             cos,

@@ -199,7 +199,7 @@ impl Config {
     }
 }
 
-fn gguf_usize(v: &gguf_file::Value) -> Option<usize> {
+pub(crate) fn gguf_usize(v: &gguf_file::Value) -> Option<usize> {
     use gguf_file::Value::*;
     match v {
         U8(x) => Some(*x as usize),
@@ -336,21 +336,7 @@ impl crate::CausalLm for Model {
         if batch.logits_rows.is_empty() && batch.tokens.is_empty() {
             return Ok(Tensor::zeros((0, cfg.vocab_size), DType::F32, &self.device)?);
         }
-        if cache.layout() != cfg.kv_layout() {
-            return Err(candle_core::Error::Msg(format!(
-                "kv cache layout {:?} does not fit the model {:?}",
-                cache.layout(),
-                cfg.kv_layout()
-            ))
-            .into());
-        }
-        if let Some(&bad) = batch.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            return Err(candle_core::Error::Msg(format!(
-                "token id {bad} is outside the vocabulary ({})",
-                cfg.vocab_size
-            ))
-            .into());
-        }
+        batch.check(cache.layout(), cfg.kv_layout(), cfg.vocab_size)?;
         let (cos, sin) = self.rope.tables(&batch.positions, &self.device)?;
         let ctx = StepContext {
             cos,
