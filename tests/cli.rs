@@ -52,3 +52,27 @@ fn hub_repo_ids_fail_clearly_when_offline() {
     assert!(stderr.contains("HF_HUB_OFFLINE"), "{stderr}");
     assert!(stderr.contains("local path"), "{stderr}");
 }
+
+#[test]
+fn cuda_device_on_a_cpu_build_is_a_clear_error() {
+    // The test binary is the CPU build (CI has no GPU): asking for CUDA must say how to get
+    // it, and a malformed device must name the accepted forms; neither may panic.
+    let model = smollm2_gguf();
+    let run = |device: &str| {
+        Command::new(ragnode_bin()).args(["generate", "--prompt", "hi", "--device", device, "--model"]).arg(&model).output().unwrap()
+    };
+    let out = run("cuda:0");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.contains("device cuda:0") && stderr.contains("--features cuda"), "stderr: {stderr}");
+    let out = run("tpu");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("cpu, cuda or cuda:N"), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "stderr: {stderr}");
+    // `serve` rejects the same before loading anything.
+    let out = Command::new(ragnode_bin()).args(["serve", "--device", "cuda:7", "--model"]).arg(&model).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert!(stderr.contains("--features cuda"), "stderr: {stderr}");
+}

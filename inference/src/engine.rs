@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use ragnode_models::tokenizer::ModelTokenizer;
 use ragnode_models::{BatchInput, CausalLm, PagedKvCache};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
@@ -21,7 +21,7 @@ use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use crate::block_pool::{KvBlockPool, PoolCounters};
 use crate::detokenizer::IncrementalDecoder;
 use crate::request::{FinishReason, GenerationRequest, RequestId, StreamEvent, Timings, TokenStream, Usage};
-use crate::sampling::Sampler;
+use crate::sampling::{SampledLogprobs, Sampler};
 use crate::scheduler::{BatchScheduler, SchedulerConfig, Sequence, StepItem};
 use crate::stop::{StopCheck, StopMatcher};
 
@@ -42,6 +42,10 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     /// Cap on prompt + generated tokens; default the model's context length.
     pub max_context: Option<usize>,
+    /// On a GPU: size the KV cache from the device's memory instead of `kv_cache_bytes`,
+    /// leaving this fraction of the device in use once the cache is allocated (the
+    /// weights are already loaded; a working reserve for activations is kept aside).
+    pub device_memory_utilization: Option<f32>,
 }
 
 impl Default for EngineConfig {
@@ -54,6 +58,7 @@ impl Default for EngineConfig {
             kv_dtype: None,
             max_waiting: 256,
             max_context: None,
+            device_memory_utilization: None,
         }
     }
 }
@@ -99,6 +104,8 @@ pub struct EngineStats {
     pub kv_bytes_per_token: usize,
     /// Cache bytes held by running sequences.
     pub kv_bytes_used: usize,
+    /// Bytes the KV cache occupies on its device (allocated at start).
+    pub kv_cache_bytes: usize,
     pub steps: u64,
     pub prompt_tokens: u64,
     pub generation_tokens: u64,
@@ -124,12 +131,52 @@ struct Shared {
     vocab_size: usize,
     tokenizer: Arc<ModelTokenizer>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    kv_cache_bytes: usize,
 }
 
 /// A cheap, cloneable handle to a running engine.
 #[derive(Clone)]
 pub struct EngineHandle {
     shared: Arc<Shared>,
+}
+
+/// Working memory kept free on a GPU beside the KV cache: a fixed part plus a share per
+/// token of the step budget (activations, logits, cuBLAS workspaces).
+const DEVICE_RESERVE_BYTES: usize = 512 << 20;
+const DEVICE_RESERVE_PER_BATCH_TOKEN: usize = 256 << 10;
+
+/// The KV cache's byte budget: from the device's free memory when asked to and the device
+/// reports it, else `kv_cache_bytes`.
+fn kv_budget(cfg: &EngineConfig, device: &candle_core::Device) -> Result<usize, EngineError> {
+    let Some(util) = cfg.device_memory_utilization else { return Ok(cfg.kv_cache_bytes) };
+    if !(util > 0.0 && util <= 1.0) {
+        return Err(EngineError::Start(format!("device memory utilization must be in (0, 1], got {util}")));
+    }
+    let Some((free, total)) =
+        ragnode_kernels::device_memory(device).map_err(|e| EngineError::Start(format!("device memory: {e}")))?
+    else {
+        return Ok(cfg.kv_cache_bytes);
+    };
+    let keep_free = ((1.0 - util as f64) * total as f64) as usize;
+    let reserve = DEVICE_RESERVE_BYTES + DEVICE_RESERVE_PER_BATCH_TOKEN * cfg.max_batch_tokens;
+    let budget = free.saturating_sub(keep_free).saturating_sub(reserve);
+    tracing::info!(free_mib = free >> 20, total_mib = total >> 20, util, kv_mib = budget >> 20, "KV cache sized from device memory");
+    if budget == 0 {
+        return Err(EngineError::Start(format!(
+            "no device memory left for the KV cache: {} MiB free of {} MiB, {} MiB to keep free at utilization {util}, {} MiB reserve",
+            free >> 20,
+            total >> 20,
+            keep_free >> 20,
+            reserve >> 20
+        )));
+    }
+    Ok(budget)
+}
+
+/// What a step hands back: token ids sampled on the device, or the logits rows.
+enum StepOutput {
+    Sampled(Vec<u32>),
+    Logits(Vec<f32>),
 }
 
 /// Starts engines.
@@ -148,11 +195,12 @@ impl Engine {
         let device = model.device().clone();
         let dtype = cfg.kv_dtype.unwrap_or(if device.is_cpu() { DType::F32 } else { DType::BF16 });
         let layout = model.kv_layout();
-        let num_blocks = PagedKvCache::blocks_for_budget(layout, cfg.block_size, dtype, cfg.kv_cache_bytes);
+        let budget = kv_budget(&cfg, &device)?;
+        let num_blocks = PagedKvCache::blocks_for_budget(layout, cfg.block_size, dtype, budget);
         if num_blocks == 0 {
             return Err(EngineError::Start(format!(
                 "a KV cache budget of {} bytes holds no block of {} tokens ({} bytes per token)",
-                cfg.kv_cache_bytes,
+                budget,
                 cfg.block_size,
                 layout.bytes_per_token(dtype)
             )));
@@ -182,6 +230,7 @@ impl Engine {
             tokenizer: tokenizer.clone(),
             thread: Mutex::new(None),
             cfg: cfg.clone(),
+            kv_cache_bytes: cache.size_in_bytes(),
         });
         let sched = BatchScheduler::new(
             SchedulerConfig { max_num_seqs: cfg.max_num_seqs, max_batch_tokens: cfg.max_batch_tokens },
@@ -247,6 +296,7 @@ impl EngineHandle {
             kv_blocks_used: self.shared.pool.used(),
             kv_bytes_per_token: self.shared.pool.block_bytes.load(Ordering::Relaxed) / self.shared.cfg.block_size,
             kv_bytes_used: self.shared.pool.used_bytes(),
+            kv_cache_bytes: self.shared.kv_cache_bytes,
             steps: c.steps.load(Ordering::Relaxed),
             prompt_tokens: c.prompt_tokens.load(Ordering::Relaxed),
             generation_tokens: c.generation_tokens.load(Ordering::Relaxed),
@@ -451,7 +501,7 @@ impl Worker {
                 it.samples,
             );
         }
-        let logits = self.model.forward(&batch, &self.cache).and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?));
+        let logits = self.model.forward(&batch, &self.cache).and_then(|t| Ok(self.sample_or_fetch(items, &t)?));
         self.shared.counters.steps.fetch_add(1, Ordering::Relaxed);
         let mut logits = match logits {
             Ok(l) => l,
@@ -469,9 +519,15 @@ impl Worker {
         let vocab = self.model.vocab_size();
         let sampling = items.iter().filter(|it| it.samples);
         for (row, it) in sampling.enumerate() {
-            let row_logits = &mut logits[row * vocab..(row + 1) * vocab];
             let Some(seq) = self.sched.get_mut(it.id) else { continue };
-            let outcome = on_token(seq, row_logits, &self.tokenizer);
+            let (token, logprobs) = match &mut logits {
+                StepOutput::Sampled(ids) => {
+                    seq.payload.sampler.record(ids[row]);
+                    (ids[row], None)
+                }
+                StepOutput::Logits(l) => seq.payload.sampler.sample(&mut l[row * vocab..(row + 1) * vocab]),
+            };
+            let outcome = on_token(seq, token, logprobs, &self.tokenizer);
             self.shared.counters.generation_tokens.fetch_add(1, Ordering::Relaxed);
             if let Outcome::Finish(reason, error) = outcome
                 && let Some(seq) = self.sched.remove(it.id)
@@ -479,6 +535,30 @@ impl Worker {
                 self.finished(seq, reason, error);
             }
         }
+    }
+
+    /// On a GPU, samples the step's rows there when every row's settings allow it (no
+    /// penalties, no log-probabilities), so only the ids cross PCIe; otherwise copies the
+    /// logits to the host for the [`Sampler`]s.
+    fn sample_or_fetch(&mut self, items: &[StepItem], logits: &Tensor) -> candle_core::Result<StepOutput> {
+        if logits.device().is_cuda() {
+            let mut rows = Vec::new();
+            for it in items.iter().filter(|it| it.samples) {
+                match self.sched.get(it.id).and_then(|s| s.payload.sampler.device_settings()) {
+                    Some(p) => rows.push(p),
+                    None => break,
+                }
+            }
+            if rows.len() == items.iter().filter(|it| it.samples).count() {
+                for (it, row) in items.iter().filter(|it| it.samples).zip(rows.iter_mut()) {
+                    if let Some(seq) = self.sched.get_mut(it.id) {
+                        row.u = seq.payload.sampler.draw(row.temperature);
+                    }
+                }
+                return Ok(StepOutput::Sampled(ragnode_kernels::sampling::sample_rows(logits, &rows)?));
+            }
+        }
+        Ok(StepOutput::Logits(logits.flatten_all()?.to_vec1::<f32>()?))
     }
 
     /// Sends the final event of a removed sequence.
@@ -503,10 +583,14 @@ impl Worker {
     }
 }
 
-/// Samples the next token of `seq`, streams its text and says whether it is done.
-fn on_token(seq: &mut Sequence<Active>, logits: &mut [f32], tokenizer: &ModelTokenizer) -> Outcome {
+/// Records the sampled next token of `seq`, streams its text and says whether it is done.
+fn on_token(
+    seq: &mut Sequence<Active>,
+    token: u32,
+    logprobs: Option<SampledLogprobs>,
+    tokenizer: &ModelTokenizer,
+) -> Outcome {
     let a = &mut seq.payload;
-    let (token, logprobs) = a.sampler.sample(logits);
     seq.tokens.push(token);
     a.generated += 1;
     a.first_token.get_or_insert_with(Instant::now);

@@ -152,6 +152,34 @@ impl Sampler {
         (token, logprobs)
     }
 
+    /// This request's settings for sampling on the device ([`ragnode_kernels::sampling`]),
+    /// or `None` when it needs the logits on the host (penalties, log-probabilities). The
+    /// draw `u` is left 0: [`Sampler::draw`] takes it from the request's generator.
+    pub fn device_settings(&self) -> Option<ragnode_kernels::sampling::RowSampling> {
+        let p = &self.params;
+        let penalties = p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        if penalties || p.logprobs.is_some() {
+            return None;
+        }
+        Some(ragnode_kernels::sampling::RowSampling {
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            u: 0.0,
+        })
+    }
+
+    /// The uniform draw for one token sampled elsewhere (none at temperature 0, as here).
+    pub fn draw(&mut self, temperature: f32) -> f32 {
+        if temperature <= 1e-5 { 0.0 } else { self.rng.random::<f32>() }
+    }
+
+    /// Counts a token sampled elsewhere (the device) as generated.
+    pub fn record(&mut self, token: u32) {
+        *self.generated.entry(token).or_insert(0) += 1;
+    }
+
     fn apply_penalties(&self, logits: &mut [f32]) {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {

@@ -116,6 +116,10 @@ pub fn paged_attention(
     params.validate(rows, nb)?;
     let out = match q.device() {
         Device::Cpu => q.apply_op3_no_bwd(k_cache, v_cache, &CpuPagedAttention(params.clone()))?,
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) if crate::cuda::paged_attention_supported(params) && q.dtype() == DType::F32 => q
+            .contiguous()?
+            .apply_op3_no_bwd(k_cache, v_cache, &crate::cuda::PagedAttention(params.clone()))?,
         _ => paged_attention_reference(q, k_cache, v_cache, params)?,
     };
     out.reshape((rows, heads * hd))
@@ -582,6 +586,13 @@ pub fn write_kv(k_cache: &Tensor, v_cache: &Tensor, k: &Tensor, v: &Tensor, slot
         Device::Cpu => {
             k_cache.inplace_op3(k, slots, &CpuWriteCache { geometry, keys: true })?;
             v_cache.inplace_op3(v, slots, &CpuWriteCache { geometry, keys: false })
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {
+            let slots = slots.to_dtype(DType::U32)?.contiguous()?;
+            let (k, v) = (k.to_dtype(DType::F32)?.contiguous()?, v.to_dtype(DType::F32)?.contiguous()?);
+            k_cache.inplace_op3(&k, &slots, &crate::cuda::WriteCache::Kv { keys: true })?;
+            v_cache.inplace_op3(&v, &slots, &crate::cuda::WriteCache::Kv { keys: false })
         }
         _ => write_kv_reference(k_cache, v_cache, k, v, slots),
     }

@@ -86,6 +86,10 @@ pub fn latent_attention(q: &Tensor, cache: &Tensor, params: &LatentAttentionPara
     params.validate(q, cache)?;
     match q.device() {
         Device::Cpu => q.apply_op2_no_bwd(cache, &CpuLatentAttention(params.clone())),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) if crate::cuda::latent_attention_supported(params) && q.dtype() == DType::F32 => {
+            q.contiguous()?.apply_op2_no_bwd(cache, &crate::cuda::LatentAttention(params.clone()))
+        }
         _ => latent_attention_reference(q, cache, params),
     }
 }
@@ -139,6 +143,12 @@ pub fn write_latent(cache: &Tensor, rows: &Tensor, slots: &Tensor) -> Result<()>
     if t == 0 {
         return Ok(());
     }
+    #[cfg(feature = "cuda")]
+    if cache.device().is_cuda() {
+        // No copy of the slots back to the host: the kernel skips slots past the cache.
+        let (rows, slots) = (rows.to_dtype(DType::F32)?.contiguous()?, slots.to_dtype(DType::U32)?.contiguous()?);
+        return cache.inplace_op3(&rows, &slots, &crate::cuda::WriteCache::Latent);
+    }
     let slot_vec: Vec<u32> = slots.to_dtype(DType::U32)?.to_vec1()?;
     if let Some(s) = slot_vec.iter().find(|&&s| s as usize >= nb * bs) {
         bail!("write_latent: slot {s} out of range ({} slots)", nb * bs)
@@ -165,8 +175,10 @@ pub fn head_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         bail!("head_matmul: x {:?} does not fit w {:?}", x.shape(), w.shape())
     }
     if !x.device().is_cpu() {
-        let y = x.transpose(0, 1)?.contiguous()?.matmul(&w.to_dtype(x.dtype())?)?;
-        return y.transpose(0, 1)?.contiguous();
+        // In the weight's dtype (bf16 off-CPU): converting the activations is far cheaper
+        // than converting the weights every step.
+        let y = x.transpose(0, 1)?.to_dtype(w.dtype())?.contiguous()?.matmul(w)?;
+        return y.transpose(0, 1)?.to_dtype(x.dtype())?.contiguous();
     }
     let mut out = vec![0f32; t * h * n];
     with_f32(&x.to_dtype(DType::F32)?, |xs| {

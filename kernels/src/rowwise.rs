@@ -4,7 +4,7 @@
 //!
 //! Each row is computed the same way whatever the batch, so results never depend on it.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, InplaceOp3, Layout, Result, Shape, Tensor, bail};
 
 use crate::math::sum16;
 use crate::par::{PARALLEL_MIN, SharedOut, for_rows, with_f32};
@@ -47,6 +47,9 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
         x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &RmsNorm { eps })
+    } else if x.device().is_cuda() && x.dtype() == weight.dtype() {
+        // candle's fused CUDA kernel (one block per row).
+        candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps)
     } else {
         rms_norm_reference(x, weight, eps)
     }
@@ -134,6 +137,152 @@ impl CustomOp2 for Add {
     }
 }
 
+/// `sum = x + residual` and `normed = rms_norm(sum) * weight` in one pass over `[T, d]`
+/// rows (the residual stream's add and the next sub-layer's norm). Returns
+/// `(sum, normed)`, each `[T, d]` f32; the CPU result is bit-identical to [`add`] then
+/// [`rms_norm`].
+pub fn add_rms_norm(x: &Tensor, residual: &Tensor, weight: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    let (t, d) = x.dims2()?;
+    if residual.dims() != [t, d] || weight.dims() != [d] {
+        bail!("add_rms_norm: x {:?}, residual {:?}, weight {:?}", x.shape(), residual.shape(), weight.shape())
+    }
+    let f32s = [x, residual, weight].iter().all(|t| t.dtype() == DType::F32);
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && f32s {
+        let planar = x.contiguous()?.apply_op3_no_bwd(
+            &residual.contiguous()?,
+            &weight.contiguous()?,
+            &crate::cuda::AddRmsNorm { eps },
+        )?;
+        return Ok((planar.narrow(0, 0, t * d)?.reshape((t, d))?, planar.narrow(0, t * d, t * d)?.reshape((t, d))?));
+    }
+    if x.device().is_cpu() && f32s {
+        let planar = x.contiguous()?.apply_op3_no_bwd(&residual.contiguous()?, &weight.contiguous()?, &AddRmsNorm { eps })?;
+        return Ok((planar.narrow(0, 0, t * d)?.reshape((t, d))?, planar.narrow(0, t * d, t * d)?.reshape((t, d))?));
+    }
+    add_rms_norm_reference(x, residual, weight, eps)
+}
+
+/// [`add_rms_norm`] with candle ops (device-generic).
+pub fn add_rms_norm_reference(x: &Tensor, residual: &Tensor, weight: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    let sum = (x.to_dtype(DType::F32)? + residual.to_dtype(DType::F32)?)?;
+    let normed = rms_norm_reference(&sum, weight, eps)?;
+    Ok((sum, normed))
+}
+
+struct AddRmsNorm {
+    eps: f32,
+}
+
+impl CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "add-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, r, w) = (f32_slice(xs, xl, "x")?, f32_slice(rs, rl, "residual")?, f32_slice(ws, wl, "weight")?);
+        let d = w.len();
+        let n = x.len();
+        // Planar output: all sum rows, then all normed rows; each row is written by one
+        // worker (row r owns out[r*d..] and out[n + r*d..]).
+        let mut out = vec![0f32; 2 * n];
+        let ptr = SharedOut::new(&mut out);
+        let eps = self.eps;
+        let row = |i: usize| {
+            // SAFETY: row i's two slices are disjoint from every other row's.
+            let (sum, normed) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(ptr.get().add(i * d), d),
+                    std::slice::from_raw_parts_mut(ptr.get().add(n + i * d), d),
+                )
+            };
+            for ((o, a), b) in sum.iter_mut().zip(&x[i * d..(i + 1) * d]).zip(&r[i * d..(i + 1) * d]) {
+                *o = a + b;
+            }
+            let inv = 1.0 / (sum_sq(sum) / d as f32 + eps).sqrt();
+            for ((o, &v), &w) in normed.iter_mut().zip(sum.iter()).zip(w) {
+                *o = v * inv * w;
+            }
+        };
+        let t = n / d.max(1);
+        if n < PARALLEL_MIN || t < 2 {
+            (0..t).for_each(row);
+        } else {
+            candle_core::utils::barrier_pool().execute_chunked(t, |range| range.for_each(row));
+        }
+        Ok((CpuStorage::F32(out), Shape::from(2 * n)))
+    }
+}
+
+/// Half-split rotary embedding applied in place to `x: [T, n, d]` (f32, contiguous; every
+/// one of the n vectors of row t rotated with `cos`/`sin: [T, d/2]`). `x` must own its
+/// storage (not share it with another tensor), as the write is in place.
+pub fn rope_inplace(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<()> {
+    let (t, _, d) = x.dims3()?;
+    if !d.is_multiple_of(2) || cos.dims() != [t, d / 2] || sin.dims() != [t, d / 2] {
+        bail!("rope_inplace: x {:?} with cos/sin {:?}/{:?}", x.shape(), cos.shape(), sin.shape())
+    }
+    if !x.is_contiguous() || x.dtype() != DType::F32 {
+        bail!("rope_inplace: x must be contiguous f32")
+    }
+    let (cos, sin) = (cos.to_dtype(DType::F32)?.contiguous()?, sin.to_dtype(DType::F32)?.contiguous()?);
+    match x.device() {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(_) => x.inplace_op3(&cos, &sin, &crate::cuda::RopeInplace),
+        candle_core::Device::Cpu => x.inplace_op3(&cos, &sin, &RopeInplace),
+        _ => {
+            // Device-generic fallback: rotate out of place and copy back.
+            let y = rope_reference(x, &cos, &sin)?;
+            x.slice_set(&y, 0, 0)
+        }
+    }
+}
+
+/// [`rope_inplace`]'s result out of place, with candle's `rope_thd` (the reference).
+pub fn rope_reference(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?, cos, sin)?.squeeze(0)
+}
+
+struct RopeInplace;
+
+impl InplaceOp3 for RopeInplace {
+    fn name(&self) -> &'static str {
+        "rope-inplace"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &mut CpuStorage,
+        xl: &Layout,
+        cs: &CpuStorage,
+        cl: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+    ) -> Result<()> {
+        let (cos, sin) = (f32_slice(cs, cl, "cos")?, f32_slice(ss, sl, "sin")?);
+        let (t, n, d) = xl.shape().dims3()?;
+        let Some((a, b)) = xl.contiguous_offsets() else { bail!("rope_inplace: x must be contiguous") };
+        let CpuStorage::F32(x) = xs else { bail!("rope_inplace: x must be f32") };
+        let half = d / 2;
+        let mut tmp = vec![0f32; d];
+        for (i, v) in x[a..b].chunks_exact_mut(d).enumerate() {
+            let r = i / n;
+            rotate(v, &cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half], &mut tmp);
+            v.copy_from_slice(&tmp);
+        }
+        debug_assert_eq!(x[a..b].len(), t * n * d);
+        Ok(())
+    }
+}
+
 /// Splits a fused projection `qkv: [T, (nh + 2 nkv) hd]` into `q: [T, nh, hd]`,
 /// `k: [T, nkv, hd]` (both rotated by half-split rope with `cos`/`sin: [T, hd/2]`) and
 /// `v: [T, nkv, hd]`, each contiguous.
@@ -159,6 +308,18 @@ pub fn rope_split_qkv(
             &cos.contiguous()?,
             &sin.contiguous()?,
             &RopeSplit { heads, kv_heads, head_dim },
+        )?;
+        let q = planar.narrow(0, 0, nq)?.reshape((t, heads, head_dim))?;
+        let k = planar.narrow(0, nq, nk)?.reshape((t, kv_heads, head_dim))?;
+        let v = planar.narrow(0, nq + nk, nk)?.reshape((t, kv_heads, head_dim))?;
+        return Ok((q, k, v));
+    }
+    #[cfg(feature = "cuda")]
+    if qkv.device().is_cuda() && qkv.dtype() == DType::F32 {
+        let planar = qkv.contiguous()?.apply_op3_no_bwd(
+            &cos.to_dtype(DType::F32)?.contiguous()?,
+            &sin.to_dtype(DType::F32)?.contiguous()?,
+            &crate::cuda::RopeSplitQkv { heads, kv_heads, head_dim },
         )?;
         let q = planar.narrow(0, 0, nq)?.reshape((t, heads, head_dim))?;
         let k = planar.narrow(0, nq, nk)?.reshape((t, kv_heads, head_dim))?;
@@ -304,5 +465,42 @@ mod tests {
         let bad = Tensor::zeros((2, 10), DType::F32, &Device::Cpu).unwrap();
         let cs = Tensor::zeros((2, 1), DType::F32, &Device::Cpu).unwrap();
         assert!(rope_split_qkv(&bad, &cs, &cs, 1, 1, 2).is_err());
+    }
+
+    #[test]
+    fn add_rms_norm_equals_add_then_rms_norm() {
+        for t in [1usize, 3, 64] {
+            let x = Tensor::randn(0f32, 1.0, (t, 576), &Device::Cpu).unwrap();
+            let r = Tensor::randn(0f32, 3.0, (t, 576), &Device::Cpu).unwrap();
+            let w = Tensor::randn(1f32, 0.1, 576, &Device::Cpu).unwrap();
+            let (sum, normed) = add_rms_norm(&x, &r, &w, 1e-6).unwrap();
+            let want_sum = add(&x, &r).unwrap();
+            // Bit-identical to the two separate CPU kernels the models used before.
+            assert_eq!(max_diff(&sum, &want_sum), 0.0);
+            assert_eq!(max_diff(&normed, &rms_norm(&want_sum, &w, 1e-6).unwrap()), 0.0);
+            let (rs, rn) = add_rms_norm_reference(&x, &r, &w, 1e-6).unwrap();
+            assert!(max_diff(&sum, &rs) < 1e-6 && max_diff(&normed, &rn) < 1e-5);
+        }
+        let x = Tensor::zeros((2, 8), DType::F32, &Device::Cpu).unwrap();
+        let w = Tensor::ones(7, DType::F32, &Device::Cpu).unwrap();
+        assert!(add_rms_norm(&x, &x, &w, 1e-6).is_err());
+    }
+
+    #[test]
+    fn rope_inplace_matches_candle_rope_thd() {
+        for (t, n, d) in [(1usize, 1usize, 64usize), (7, 16, 64), (33, 1, 32)] {
+            let x = Tensor::randn(0f32, 1.0, (t, n, d), &Device::Cpu).unwrap();
+            let cos = Tensor::randn(0f32, 1.0, (t, d / 2), &Device::Cpu).unwrap();
+            let sin = Tensor::randn(0f32, 1.0, (t, d / 2), &Device::Cpu).unwrap();
+            let want = rope_reference(&x, &cos, &sin).unwrap();
+            let y = x.copy().unwrap();
+            rope_inplace(&y, &cos, &sin).unwrap();
+            assert_eq!(max_diff(&y, &want), 0.0);
+            // The input it was copied from is untouched.
+            assert!(max_diff(&x, &want) > 0.0 || t == 0);
+        }
+        let x = Tensor::zeros((2, 1, 6), DType::F32, &Device::Cpu).unwrap();
+        let cs = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap();
+        assert!(rope_inplace(&x, &cs, &cs).is_err());
     }
 }

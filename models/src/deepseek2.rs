@@ -690,9 +690,12 @@ impl Attention {
     }
 }
 
-/// Half-split rope over the last dimension of `x: [T, heads, d]`.
+/// Half-split rope over the last dimension of `x: [T, heads, d]`, rotated in place in a
+/// fresh copy (x is a view into the projection's output).
 fn rope(x: &Tensor, ctx: &StepContext) -> Result<Tensor> {
-    Ok(candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?, &ctx.cos, &ctx.sin)?.squeeze(0)?)
+    let y = x.copy()?;
+    ragnode_kernels::rowwise::rope_inplace(&y, &ctx.cos, &ctx.sin)?;
+    Ok(y)
 }
 
 #[derive(Debug)]
@@ -806,8 +809,9 @@ impl crate::CausalLm for Model {
         let mut x = self.embed.forward(&batch.tokens, &self.device)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x)?;
-            x = add(&x, &layer.attn.forward(&h, cfg, &ctx, cache, i)?.to_dtype(DType::F32)?)?;
-            let h = layer.post_norm.forward(&x)?;
+            let attn = layer.attn.forward(&h, cfg, &ctx, cache, i)?.to_dtype(DType::F32)?;
+            let (sum, h) = layer.post_norm.forward_residual(&x, &attn)?;
+            x = sum;
             let y = match &layer.ffn {
                 Ffn::Dense(mlp) => mlp.forward(&h)?,
                 Ffn::Moe(moe) => moe.forward(&h, cfg.moe.as_ref().expect("MoE layers have a MoE config"))?,

@@ -25,6 +25,8 @@ pub enum ModelError {
     NotFound { spec: String, reason: String },
     #[error("could not fetch `{file}` from the Hugging Face Hub repo `{repo}`: {reason}")]
     Hub { repo: String, file: String, reason: String },
+    #[error("device {device}: {message}")]
+    Device { device: String, message: String },
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
     #[error(transparent)]

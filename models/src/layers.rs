@@ -172,6 +172,16 @@ impl Linear {
         let y = match &self.weight {
             LinearWeight::Quant(w) => quant_matmul(x, w)?,
             LinearWeight::CandleQuant(_, mm) => mm.forward(x)?,
+            // Half-precision weights (safetensors off-CPU): the product runs in their dtype
+            // (cuBLAS bf16), the activations stay f32.
+            LinearWeight::Dense(w) if w.dtype() != x.dtype() => {
+                let y = x.to_dtype(w.dtype())?.matmul(&w.t()?)?;
+                let y = match &self.bias {
+                    Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+                    None => y,
+                };
+                return Ok(y.to_dtype(x.dtype())?);
+            }
             LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
         };
         Ok(match &self.bias {
@@ -195,6 +205,12 @@ impl RmsNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(ragnode_kernels::rowwise::rms_norm(x, &self.weight, self.eps)?)
+    }
+
+    /// The residual stream's add followed by this norm, fused: returns `(x + residual,
+    /// norm(x + residual))`.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok(ragnode_kernels::rowwise::add_rms_norm(x, residual, &self.weight, self.eps)?)
     }
 }
 

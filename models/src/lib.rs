@@ -36,7 +36,7 @@ pub mod weights;
 pub use batch::BatchInput;
 pub use error::{ModelError, Result};
 pub use kv_cache::{KvCacheLayout, PagedKvCache};
-pub use loader::{DummyWeights, LoadOptions, LoadedModel, load_model};
+pub use loader::{DeviceSpec, DummyWeights, LoadOptions, LoadedModel, load_model};
 
 use candle_core::{Device, Tensor};
 

@@ -283,8 +283,7 @@ impl DecoderLayer {
         let (q, k, v) = rope_split_qkv(&qkv, &ctx.cos, &ctx.sin, nh, nkv, hd)?;
         write_kv(kv.0, kv.1, &k, &v, &ctx.slots)?;
         let attn = paged_attention(&q, kv.0, kv.1, &ctx.attn)?;
-        let x = add(x, &self.o_proj.forward(&attn)?)?;
-        let h = self.post_norm.forward(&x)?;
+        let (x, h) = self.post_norm.forward_residual(x, &self.o_proj.forward(&attn)?)?;
         let act = match &self.gate_up {
             GateUp::Fused(l) => swiglu(&l.forward(&h)?)?,
             GateUp::Split(g, u) => swiglu(&Tensor::cat(&[g.forward(&h)?, u.forward(&h)?], 1)?)?,

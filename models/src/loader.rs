@@ -40,6 +40,70 @@ impl Default for LoadOptions {
     }
 }
 
+/// Where a model runs, as written in configs and flags: `cpu`, `cuda` or `cuda:N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim() {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(Self::Cuda(n)),
+                _ => Err(format!("unknown device `{other}`: expected cpu, cuda or cuda:N")),
+            },
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceSpec {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(d: DeviceSpec) -> String {
+        d.to_string()
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Opens the device (for CUDA: a context and a stream on GPU N).
+    pub fn open(self) -> Result<Device> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda(n) if cfg!(feature = "cuda") => Device::new_cuda(n).map_err(|e| ModelError::Device {
+                device: self.to_string(),
+                // candle appends a backtrace to driver errors: keep the message line.
+                message: e.to_string().lines().next().unwrap_or_default().to_string(),
+            }),
+            Self::Cuda(_) => Err(ModelError::Device {
+                device: self.to_string(),
+                message: "this ragnode was built without CUDA (build with `--features cuda`, see README)".into(),
+            }),
+        }
+    }
+}
+
 /// Random weights instead of a checkpoint's.
 #[derive(Clone, Copy, Debug)]
 pub struct DummyWeights {
@@ -424,6 +488,24 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_specs() {
+        assert_eq!("cpu".parse(), Ok(DeviceSpec::Cpu));
+        assert_eq!("cuda".parse(), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!("cuda:3".parse(), Ok(DeviceSpec::Cuda(3)));
+        for bad in ["cuda:", "cuda:x", "tpu", "metal"] {
+            assert!(bad.parse::<DeviceSpec>().unwrap_err().contains("cpu, cuda or cuda:N"), "{bad}");
+        }
+        assert_eq!(DeviceSpec::Cuda(1).to_string(), "cuda:1");
+        assert!(matches!(DeviceSpec::Cpu.open(), Ok(Device::Cpu)));
+        // In configs it is a plain string.
+        let d: DeviceSpec = serde_json::from_str("\"cuda:2\"").unwrap();
+        assert_eq!((d, serde_json::to_string(&d).unwrap()), (DeviceSpec::Cuda(2), "\"cuda:2\"".into()));
+        assert!(serde_json::from_str::<DeviceSpec>("\"gpu:0\"").is_err());
+        #[cfg(not(feature = "cuda"))]
+        assert!(DeviceSpec::Cuda(0).open().unwrap_err().to_string().contains("--features cuda"));
+    }
 
     #[test]
     fn repo_specs() {

@@ -114,7 +114,8 @@ impl WeightSource {
             Self::Safetensors(s) => s.get(&format!("{name}.weight"), &[dim])?,
             Self::Random(r) => (r.tensor(&format!("{name}.weight"), &[dim], 0.1)? + 1.0)?,
         };
-        Ok(RmsNorm::new(w, eps))
+        // Norm weights stay f32 whatever the checkpoint's dtype: the fused kernels read f32.
+        Ok(RmsNorm::new(w.to_dtype(DType::F32)?, eps))
     }
 
     pub fn embedding(&mut self, name: &str, vocab: usize, dim: usize) -> Result<TokenEmbedding> {

@@ -56,6 +56,9 @@ pub struct ServeConfig {
     pub faq_seed: Option<PathBuf>,
     /// Compute threads (default: candle's choice, the physical cores).
     pub threads: Option<usize>,
+    /// Where the model runs: `cpu`, `cuda` or `cuda:N` (CUDA needs a `--features cuda`
+    /// build).
+    pub device: ragnode_models::DeviceSpec,
     /// Where audit lines go: `-` for stdout, a file path to append to, `off` for none.
     pub audit_log: String,
     pub engine: EngineSettings,
@@ -136,6 +139,7 @@ impl Default for ServeConfig {
             faq_index: PathBuf::from("data/index"),
             faq_seed: None,
             threads: None,
+            device: ragnode_models::DeviceSpec::Cpu,
             audit_log: "-".into(),
             engine: EngineSettings::default(),
             limits: Limits::default(),
@@ -158,11 +162,21 @@ pub struct EngineSettings {
     pub max_waiting: usize,
     /// Cap on prompt + completion tokens (default: the model's context).
     pub max_model_len: Option<usize>,
+    /// On a GPU, the KV cache takes the device memory left after the weights, up to this
+    /// fraction of the device in use (`kv_cache_mib` is then ignored).
+    pub gpu_memory_utilization: f32,
 }
 
 impl Default for EngineSettings {
     fn default() -> Self {
-        Self { max_num_seqs: 64, max_batch_tokens: 512, kv_cache_mib: 1024, max_waiting: 256, max_model_len: None }
+        Self {
+            max_num_seqs: 64,
+            max_batch_tokens: 512,
+            kv_cache_mib: 1024,
+            max_waiting: 256,
+            max_model_len: None,
+            gpu_memory_utilization: 0.9,
+        }
     }
 }
 
@@ -328,7 +342,13 @@ pub struct ServeArgs {
     /// Token budget of one engine step [default: 512].
     #[arg(long, env = "RAGNODE_MAX_BATCH_TOKENS")]
     pub max_batch_tokens: Option<usize>,
-    /// KV-cache memory in MiB [default: 1024].
+    /// Where the model runs: cpu, cuda or cuda:N [default: cpu].
+    #[arg(long, env = "RAGNODE_DEVICE")]
+    pub device: Option<ragnode_models::DeviceSpec>,
+    /// On a GPU: fraction of device memory in use once the KV cache is allocated [default: 0.9].
+    #[arg(long, env = "RAGNODE_GPU_MEMORY_UTILIZATION")]
+    pub gpu_memory_utilization: Option<f32>,
+    /// KV-cache memory in MiB (CPU) [default: 1024].
     #[arg(long, env = "RAGNODE_KV_CACHE_MIB")]
     pub kv_cache_mib: Option<usize>,
     /// Requests waiting for admission before 429 [default: 256].
@@ -411,6 +431,8 @@ impl ServeConfig {
         set(&mut self.engine.max_num_seqs, &a.max_num_seqs);
         set(&mut self.engine.max_batch_tokens, &a.max_batch_tokens);
         set(&mut self.engine.kv_cache_mib, &a.kv_cache_mib);
+        set(&mut self.device, &a.device);
+        set(&mut self.engine.gpu_memory_utilization, &a.gpu_memory_utilization);
         set(&mut self.engine.max_waiting, &a.max_waiting);
         if a.max_model_len.is_some() {
             self.engine.max_model_len = a.max_model_len;
@@ -448,6 +470,9 @@ impl ServeConfig {
         let e = &self.engine;
         if e.max_num_seqs == 0 || e.max_batch_tokens == 0 || e.kv_cache_mib == 0 {
             bail!("engine.max_num_seqs, engine.max_batch_tokens and engine.kv_cache_mib must be > 0");
+        }
+        if !(e.gpu_memory_utilization > 0.0 && e.gpu_memory_utilization <= 1.0) {
+            bail!("engine.gpu_memory_utilization must be in (0, 1], got {}", e.gpu_memory_utilization);
         }
         let l = &self.limits;
         if l.max_body_bytes < 1024 {

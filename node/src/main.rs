@@ -83,6 +83,9 @@ struct GenerateArgs {
     /// q4_k, q5_k, q6_k.
     #[arg(long, default_value = "q8_0", requires = "dummy_weights")]
     dummy_format: String,
+    /// Where the model runs: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: ragnode_models::DeviceSpec,
     /// The prompt text.
     #[arg(long)]
     prompt: String,
@@ -160,12 +163,13 @@ fn main() {
 
 fn generate(args: GenerateArgs) -> Result<()> {
     let started = Instant::now();
+    let base = LoadOptions { device: args.device.open()?, ..LoadOptions::default() };
     let (spec, opts) = match (&args.model, &args.dummy_weights) {
         (_, Some(config)) => {
             let format = args.dummy_format.parse().map_err(|e: String| anyhow::anyhow!("--dummy-format: {e}"))?;
-            (config.clone(), LoadOptions { dummy: Some(DummyWeights { format, seed: 0 }), ..LoadOptions::default() })
+            (config.clone(), LoadOptions { dummy: Some(DummyWeights { format, seed: 0 }), ..base })
         }
-        (Some(model), None) => (model.clone(), LoadOptions::default()),
+        (Some(model), None) => (model.clone(), base),
         (None, None) => bail!("--model or --dummy-weights is required"),
     };
     let loaded = load_model(&spec, &opts).with_context(|| format!("loading model `{spec}`"))?;

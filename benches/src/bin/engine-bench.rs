@@ -46,6 +46,9 @@ struct Args {
     /// Storage format of the random weights (f32, bf16, q4_0, q8_0, q4_k, ...).
     #[arg(long, default_value = "q4_0")]
     dummy_format: String,
+    /// Where the model runs: cpu, cuda or cuda:N (CUDA needs a `--features cuda` build).
+    #[arg(long, default_value = "cpu")]
+    device: ragnode_models::DeviceSpec,
 }
 
 struct RunResult {
@@ -118,6 +121,21 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Device memory bandwidth in bytes per second: device-to-device copies of a 1 GiB
+/// buffer, counting the bytes read and written (HBM serves both from one budget, so a
+/// read-only weight stream can reach about this rate).
+fn copy_bandwidth(device: &candle_core::Device) -> Result<f64> {
+    let src = candle_core::Tensor::ones(256usize << 20, candle_core::DType::F32, device)?;
+    let _ = src.copy()?;
+    device.synchronize()?;
+    let (reps, t) = (10, Instant::now());
+    for _ in 0..reps {
+        let _ = src.copy()?;
+    }
+    device.synchronize()?;
+    Ok((2usize * (1 << 30) * reps) as f64 / t.elapsed().as_secs_f64())
+}
+
 fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -138,7 +156,9 @@ fn main() -> Result<()> {
             .unwrap_or_else(|_| format!("{}/.cache/ragnode", std::env::var("HOME").unwrap_or_default()));
         format!("{cache}/models/SmolLM2-135M-Instruct.Q4_1.gguf")
     });
-    let mut opts = LoadOptions::default();
+    let device = args.device.open()?;
+    let free_before = ragnode_kernels::device_memory(&device)?.map(|(free, _)| free);
+    let mut opts = LoadOptions { device: device.clone(), ..LoadOptions::default() };
     if args.dummy_weights.is_some() {
         let format = args.dummy_format.parse().map_err(|e: String| anyhow::anyhow!("--dummy-format: {e}"))?;
         opts.dummy = Some(DummyWeights { format, seed: 0 });
@@ -146,6 +166,12 @@ fn main() -> Result<()> {
     let load_started = Instant::now();
     let loaded = load_model(&model, &opts).with_context(|| format!("loading {model}"))?;
     let load_secs = load_started.elapsed().as_secs_f64();
+    // On a GPU: the bytes the weights took, and the device's copy bandwidth, for the
+    // bandwidth bound of single-stream decode (every weight read once per token).
+    let gpu = match (free_before, ragnode_kernels::device_memory(&device)?) {
+        (Some(before), Some((after, _))) => Some((before.saturating_sub(after), copy_bandwidth(&device)?)),
+        _ => None,
+    };
     let tok = loaded.tokenizer.clone();
     let kv_dtype = match args.kv_dtype.as_deref() {
         None => None,
@@ -157,7 +183,13 @@ fn main() -> Result<()> {
     let engine = Engine::start(
         loaded.model.clone(),
         tok.clone(),
-        EngineConfig { max_batch_tokens: args.prompt_len.max(512), kv_dtype, ..EngineConfig::default() },
+        EngineConfig {
+            max_batch_tokens: args.prompt_len.max(512),
+            max_num_seqs: args.streams.iter().copied().max().unwrap_or(1).max(64),
+            kv_dtype,
+            device_memory_utilization: device.is_cuda().then_some(0.9),
+            ..EngineConfig::default()
+        },
     )?;
 
     // A long prompt from real text.
@@ -190,10 +222,11 @@ fn main() -> Result<()> {
     // Warm-up (page in weights, start the thread pool).
     run_one(&engine, short_ids.clone(), 8)?;
 
-    let mut prefill = Vec::new();
+    let (mut prefill, mut ttft) = (Vec::new(), Vec::new());
     for _ in 0..args.reps {
         let r = run_one(&engine, long_ids.clone(), 1)?;
         prefill.push(r.prompt_tokens as f64 / r.ttft.as_secs_f64());
+        ttft.push(r.ttft.as_secs_f64() * 1e3);
     }
     // The repetitions interleave the measurements (1 stream, then each stream count), so a
     // slow spell on a shared machine hits every row alike rather than skewing the ratios.
@@ -210,9 +243,19 @@ fn main() -> Result<()> {
     }
     let single_tps = median(single);
     let mut rows = vec![
-        (format!("prefill ({}-token prompt)", args.prompt_len), median(prefill), String::new()),
+        (format!("prefill ({}-token prompt)", args.prompt_len), median(prefill), format!("TTFT {:.1} ms", median(ttft))),
         ("decode, 1 stream".to_string(), single_tps, String::new()),
     ];
+    if let Some((weight_bytes, bw)) = gpu {
+        let bound = bw / weight_bytes as f64;
+        rows[1].2 = format!(
+            "{:.0}% of the bandwidth bound ({:.0} tok/s = {:.0} GB/s copy bandwidth / {:.2} GB of weights)",
+            100.0 * single_tps / bound,
+            bound,
+            bw / 1e9,
+            weight_bytes as f64 / 1e9
+        );
+    }
     for (&n, (decode, wall)) in args.streams.iter().zip(multi) {
         let d = median(decode);
         rows.push((
@@ -227,7 +270,10 @@ fn main() -> Result<()> {
         Some(d) => println!("model: {model} with random {:?} weights (built in {load_secs:.1} s)", d.format),
         None => println!("model: {model}"),
     }
-    println!("machine: {} ({} threads), {}", cpu_name(), args.threads, std::env::consts::ARCH);
+    match ragnode_kernels::device_memory(&device)? {
+        Some((_, total)) => println!("device: {} ({} MiB), host {}", args.device, total >> 20, cpu_name()),
+        None => println!("machine: {} ({} threads), {}", cpu_name(), args.threads, std::env::consts::ARCH),
+    }
     println!();
     println!("| measurement | tokens/s | note |");
     println!("|---|---:|---|");

@@ -109,6 +109,9 @@ pub fn render(state: &AppState) -> String {
         metrics::gauge!("ragnode:num_requests_waiting").set(s.waiting as f64);
         let usage = if s.kv_blocks_total == 0 { 0.0 } else { s.kv_blocks_used as f64 / s.kv_blocks_total as f64 };
         metrics::gauge!("ragnode:kv_cache_usage_perc").set(usage);
+        if state.cfg.device != ragnode_models::DeviceSpec::Cpu {
+            metrics::gauge!("ragnode:gpu_memory_bytes", "kind" => "kv_cache").set(s.kv_cache_bytes as f64);
+        }
     }
     let (mut hits, mut misses) = (0, 0);
     for app in state.apps.values() {

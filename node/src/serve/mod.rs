@@ -45,6 +45,7 @@ use axum::middleware::{from_fn, from_fn_with_state};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use ragnode_inference::{Engine, EngineConfig};
+use candle_core::Device;
 use ragnode_models::{LoadOptions, load_model};
 use ragnode_retrieval::ingest::{FieldMapping, Format, IngestOptions, ingest_file};
 use ragnode_retrieval::{FaqShard, ShardConfig};
@@ -77,6 +78,8 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
         apps.insert(app.name.clone(), Arc::new(RagApp::new(app.clone()).map_err(anyhow::Error::msg)?));
     }
     let model_spec = cfg.model.clone().context("no model configured")?;
+    // Before binding anything: a device this build or machine cannot open is a start error.
+    let device = cfg.device.open().context("opening the compute device")?;
     let model_id = cfg.served_model_name.clone().unwrap_or_else(|| default_model_id(&model_spec));
     let audit = audit::AuditSink::open(&cfg.audit_log).await?;
     if cfg.auth.api_keys.is_empty() && cfg.auth.admin_keys.is_empty() {
@@ -129,7 +132,7 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
 
     let loader = {
         let state = state.clone();
-        tokio::task::spawn_blocking(move || load(&state, &model_spec))
+        tokio::task::spawn_blocking(move || load(&state, &model_spec, device))
     };
     let app = router(state.clone());
     let mut server = tokio::spawn(async move {
@@ -223,10 +226,10 @@ async fn cluster_view(State(state): State<SharedState>) -> axum::Json<serde_json
 /// Loads the model, starts the engine and, alone, opens (and seeds) the FAQ shard. The
 /// shard is returned, not yet published in the state (see [`open_faq`]); in a cluster
 /// there is none (the shards placed here are held by `FaqShards`).
-fn load(state: &AppState, model_spec: &str) -> Result<Option<Arc<FaqShard>>> {
+fn load(state: &AppState, model_spec: &str, device: Device) -> Result<Option<Arc<FaqShard>>> {
     let cfg = &state.cfg;
     let shard = if cfg.cluster.nats.is_none() { Some(open_local_faq(cfg)?) } else { None };
-    load_engine(state, model_spec)?;
+    load_engine(state, model_spec, device)?;
     Ok(shard)
 }
 
@@ -256,11 +259,18 @@ fn open_local_faq(cfg: &ServeConfig) -> Result<Arc<FaqShard>> {
     Ok(Arc::new(shard))
 }
 
-fn load_engine(state: &AppState, model_spec: &str) -> Result<()> {
+fn load_engine(state: &AppState, model_spec: &str, device: Device) -> Result<()> {
     let cfg = &state.cfg;
     let t = Instant::now();
-    let loaded =
-        load_model(model_spec, &LoadOptions::default()).with_context(|| format!("loading model `{model_spec}`"))?;
+    let free_before = ragnode_kernels::device_memory(&device).ok().flatten().map(|(free, _)| free);
+    let opts = LoadOptions { device: device.clone(), ..LoadOptions::default() };
+    let loaded = load_model(model_spec, &opts).with_context(|| format!("loading model `{model_spec}` on {}", cfg.device))?;
+    if let (Some(before), Some((after, total))) = (free_before, ragnode_kernels::device_memory(&device).ok().flatten()) {
+        let weights = before.saturating_sub(after);
+        ::metrics::gauge!("ragnode:gpu_memory_bytes", "kind" => "weights").set(weights as f64);
+        ::metrics::gauge!("ragnode:gpu_memory_total_bytes").set(total as f64);
+        tracing::info!(device = %cfg.device, weights_mib = weights >> 20, free_mib = after >> 20, "weights on the device");
+    }
     let mut tokenizer = loaded.tokenizer;
     if let Some(path) = &cfg.chat_template {
         let source =
@@ -278,6 +288,7 @@ fn load_engine(state: &AppState, model_spec: &str) -> Result<()> {
         kv_cache_bytes: e.kv_cache_mib << 20,
         max_waiting: e.max_waiting,
         max_context: e.max_model_len,
+        device_memory_utilization: device.is_cuda().then_some(e.gpu_memory_utilization),
         ..EngineConfig::default()
     };
     let engine = Engine::start(loaded.model, tokenizer, engine_cfg).context("starting the engine")?;
@@ -499,7 +510,7 @@ async fn readyz(State(state): State<SharedState>) -> Response {
         "ready": model && index,
         "model": { "id": state.model_id, "loaded": model },
         "faq_index": { "path": state.cfg.faq_index, "open": index },
-        "device": "cpu",
+        "device": state.cfg.device.to_string(),
     });
     let status = if model && index { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(body)).into_response()
