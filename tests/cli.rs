@@ -59,7 +59,11 @@ fn cuda_device_on_a_cpu_build_is_a_clear_error() {
     // it, and a malformed device must name the accepted forms; neither may panic.
     let model = smollm2_gguf();
     let run = |device: &str| {
-        Command::new(ragnode_bin()).args(["generate", "--prompt", "hi", "--device", device, "--model"]).arg(&model).output().unwrap()
+        Command::new(ragnode_bin())
+            .args(["generate", "--prompt", "hi", "--device", device, "--model"])
+            .arg(&model)
+            .output()
+            .unwrap()
     };
     let out = run("cuda:0");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -71,7 +75,8 @@ fn cuda_device_on_a_cpu_build_is_a_clear_error() {
     assert!(stderr.contains("cpu, cuda or cuda:N"), "stderr: {stderr}");
     assert!(!stderr.contains("panicked"), "stderr: {stderr}");
     // `serve` rejects the same before loading anything.
-    let out = Command::new(ragnode_bin()).args(["serve", "--device", "cuda:7", "--model"]).arg(&model).output().unwrap();
+    let out =
+        Command::new(ragnode_bin()).args(["serve", "--device", "cuda:7", "--model"]).arg(&model).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_ne!(out.status.code(), Some(0), "stderr: {stderr}");
     assert!(stderr.contains("--features cuda"), "stderr: {stderr}");

@@ -160,7 +160,13 @@ fn kv_budget(cfg: &EngineConfig, device: &candle_core::Device) -> Result<usize, 
     let keep_free = ((1.0 - util as f64) * total as f64) as usize;
     let reserve = DEVICE_RESERVE_BYTES + DEVICE_RESERVE_PER_BATCH_TOKEN * cfg.max_batch_tokens;
     let budget = free.saturating_sub(keep_free).saturating_sub(reserve);
-    tracing::info!(free_mib = free >> 20, total_mib = total >> 20, util, kv_mib = budget >> 20, "KV cache sized from device memory");
+    tracing::info!(
+        free_mib = free >> 20,
+        total_mib = total >> 20,
+        util,
+        kv_mib = budget >> 20,
+        "KV cache sized from device memory"
+    );
     if budget == 0 {
         return Err(EngineError::Start(format!(
             "no device memory left for the KV cache: {} MiB free of {} MiB, {} MiB to keep free at utilization {util}, {} MiB reserve",

@@ -476,7 +476,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     float mine = 0.f;
     uint32_t last_kept = 0;
     for (uint32_t i = begin; i < end; ++i)
-        if (w[i] >= tau) mine += w[i], last_kept = i;
+        if (w[i] >= tau && w[i] > 0.f) mine += w[i], last_kept = i;
     chunk_mass[threadIdx.x] = mine;
     __syncthreads();
     if (threadIdx.x == 0) {

@@ -117,9 +117,9 @@ pub fn paged_attention(
     let out = match q.device() {
         Device::Cpu => q.apply_op3_no_bwd(k_cache, v_cache, &CpuPagedAttention(params.clone()))?,
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) if crate::cuda::paged_attention_supported(params) && q.dtype() == DType::F32 => q
-            .contiguous()?
-            .apply_op3_no_bwd(k_cache, v_cache, &crate::cuda::PagedAttention(params.clone()))?,
+        Device::Cuda(_) if crate::cuda::paged_attention_supported(params) && q.dtype() == DType::F32 => {
+            q.contiguous()?.apply_op3_no_bwd(k_cache, v_cache, &crate::cuda::PagedAttention(params.clone()))?
+        }
         _ => paged_attention_reference(q, k_cache, v_cache, params)?,
     };
     out.reshape((rows, heads * hd))

@@ -65,7 +65,9 @@ pub(crate) fn paged_attention_supported(p: &PagedAttentionParams) -> bool {
 }
 
 pub(crate) fn latent_attention_supported(p: &LatentAttentionParams) -> bool {
-    p.value_dim <= ML_MAX_VALUE_DIM
+    // Dynamic shared memory (scaled query + per-warp state) within the default 48 KiB.
+    let shared = (p.latent_dim + ML_WARPS as usize * (2 + p.value_dim)) * 4;
+    p.value_dim <= ML_MAX_VALUE_DIM && shared <= 48 << 10
 }
 
 /// Per-row sequence index and position, and the block tables padded to one width: what
@@ -106,7 +108,15 @@ impl CustomOp3 for PagedAttention {
         "ragnode-paged-attention"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         bail!("ragnode-paged-attention: CUDA op called on CPU tensors")
     }
 
@@ -122,12 +132,13 @@ impl CustomOp3 for PagedAttention {
         let p = &self.0;
         let dev = qs.device().clone();
         let rows = ql.shape().dims()[0];
-        let map = RowMap::new(&p.seqs);
-        let (row_seq, row_pos, tables) = map.upload(&dev)?;
         let q = view::<f32>(qs, ql, "attention q")?;
         let n = rows * p.num_heads * p.head_dim;
         let out = unsafe { dev.alloc::<f32>(n.max(1))? };
+        // No launch (and no zero-byte uploads, which the driver rejects) for an empty batch.
         if rows > 0 {
+            let map = RowMap::new(&p.seqs);
+            let (row_seq, row_pos, tables) = map.upload(&dev)?;
             let (max_blocks, heads, kvh, hd, bs) = (
                 map.max_blocks as u32,
                 p.num_heads as u32,
@@ -179,11 +190,11 @@ impl CustomOp2 for LatentAttention {
         let p = &self.0;
         let dev = qs.device().clone();
         let rows = ql.shape().dims()[0];
-        let map = RowMap::new(&p.seqs);
-        let (row_seq, row_pos, tables) = map.upload(&dev)?;
         let q = view::<f32>(qs, ql, "latent attention q")?;
         let out = unsafe { dev.alloc::<f32>((rows * p.num_heads * p.value_dim).max(1))? };
         if rows > 0 {
+            let map = RowMap::new(&p.seqs);
+            let (row_seq, row_pos, tables) = map.upload(&dev)?;
             let (ld, vd) = (p.latent_dim as u32, p.value_dim as u32);
             let cfg = LaunchConfig {
                 grid_dim: (rows as u32, p.num_heads as u32, 1),
@@ -227,7 +238,15 @@ impl InplaceOp3 for WriteCache {
         "ragnode-write-cache"
     }
 
-    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<()> {
         bail!("ragnode-write-cache: CUDA op called on CPU tensors")
     }
 
@@ -268,7 +287,8 @@ impl InplaceOp3 for WriteCache {
                     // [blocks, kv_heads, block_size, head_dim] (values).
                     Self::Kv { keys } => {
                         let (nb, kvh) = (dims[0] as u32, dims[1] as u32);
-                        let (hd, bs) = if *keys { (dims[2] as u32, dims[3] as u32) } else { (dims[3] as u32, dims[2] as u32) };
+                        let (hd, bs) =
+                            if *keys { (dims[2] as u32, dims[3] as u32) } else { (dims[3] as u32, dims[2] as u32) };
                         vec![kvh, hd, bs, nb, u32::from(*keys)]
                     }
                     // dims: [blocks, block_size, latent_dim]
@@ -301,7 +321,15 @@ impl CustomOp3 for AddRmsNorm {
         "ragnode-add-rms-norm"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         bail!("ragnode-add-rms-norm: CUDA op called on CPU tensors")
     }
 
@@ -340,7 +368,15 @@ impl InplaceOp3 for RopeInplace {
         "ragnode-rope-inplace"
     }
 
-    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<()> {
         bail!("ragnode-rope-inplace: CUDA op called on CPU tensors")
     }
 
@@ -384,7 +420,15 @@ impl CustomOp3 for RopeSplitQkv {
         "ragnode-rope-split-qkv"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         bail!("ragnode-rope-split-qkv: CUDA op called on CPU tensors")
     }
 
@@ -447,7 +491,8 @@ impl CustomOp1 for SampleRows {
             let vu = v as u32;
             let mut b = stream.launch_builder(&f);
             b.arg(&ids).arg(&logits).arg(&scratch).arg(&temp).arg(&top_k).arg(&top_p).arg(&min_p).arg(&u).arg(&vu);
-            let cfg = LaunchConfig { grid_dim: (r as u32, 1, 1), block_dim: (SAMPLE_THREADS, 1, 1), shared_mem_bytes: 0 };
+            let cfg =
+                LaunchConfig { grid_dim: (r as u32, 1, 1), block_dim: (SAMPLE_THREADS, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: arguments match the kernel.
             unsafe { b.launch(cfg) }.w()?;
         }

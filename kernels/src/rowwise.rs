@@ -157,7 +157,8 @@ pub fn add_rms_norm(x: &Tensor, residual: &Tensor, weight: &Tensor, eps: f32) ->
         return Ok((planar.narrow(0, 0, t * d)?.reshape((t, d))?, planar.narrow(0, t * d, t * d)?.reshape((t, d))?));
     }
     if x.device().is_cpu() && f32s {
-        let planar = x.contiguous()?.apply_op3_no_bwd(&residual.contiguous()?, &weight.contiguous()?, &AddRmsNorm { eps })?;
+        let planar =
+            x.contiguous()?.apply_op3_no_bwd(&residual.contiguous()?, &weight.contiguous()?, &AddRmsNorm { eps })?;
         return Ok((planar.narrow(0, 0, t * d)?.reshape((t, d))?, planar.narrow(0, t * d, t * d)?.reshape((t, d))?));
     }
     add_rms_norm_reference(x, residual, weight, eps)

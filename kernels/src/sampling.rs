@@ -8,7 +8,7 @@
 //!   the largest weight whose set `{w ≥ τ_p}` still holds `top_p` of the mass the first
 //!   two rules kept (ties at a threshold are all kept);
 //! - the draw `u ∈ [0, 1)` picks the first id, in id order, whose running kept mass exceeds
-//!   `u ×` the kept mass (the last kept id if rounding leaves it short).
+//!   `u ×` the kept mass (the last kept id of positive weight if rounding leaves it short).
 //!
 //! The caller draws `u` from the request's seeded generator, so a seed reproduces a run
 //! on the same device. Penalties and log-probabilities need the logits on the host: the
@@ -91,11 +91,7 @@ fn sample_row(logits: &[f32], s: &RowSampling) -> u32 {
         let (mut lo, mut hi) = (tau.to_bits(), 1f32.to_bits() + 1);
         while hi - lo > 1 {
             let mid = lo + (hi - lo) / 2;
-            if mass(f32::from_bits(mid)) >= target {
-                lo = mid
-            } else {
-                hi = mid
-            }
+            if mass(f32::from_bits(mid)) >= target { lo = mid } else { hi = mid }
         }
         tau = f32::from_bits(lo);
     }
@@ -103,7 +99,8 @@ fn sample_row(logits: &[f32], s: &RowSampling) -> u32 {
     let target = s.u * total;
     let (mut run, mut last) = (0f32, argmax);
     for (i, &x) in w.iter().enumerate() {
-        if x >= tau {
+        // Weights that underflowed to 0 are never picked, not even as the fallback.
+        if x >= tau && x > 0.0 {
             run += x;
             last = i;
             if run > target {
@@ -179,6 +176,15 @@ mod tests {
         let f = frequencies(&logits, row(1.0, 2, 1.0, 0.0, 0.0), 100_000);
         let p0 = (-1f64).exp() / (1.0 + (-1f64).exp());
         assert!((f[0] - p0).abs() < 1e-3, "{} vs {p0}", f[0]);
+    }
+
+    #[test]
+    fn the_rounding_fallback_never_picks_an_underflowed_token() {
+        // exp(-1000) is 0 in f32: ids 1 and 3 have no mass. u = 1 stands for a draw whose
+        // target rounds up to the whole mass, where only the fallback answers.
+        let logits = [0.0f32, -1000.0, 5.0, -1000.0];
+        assert_eq!(sample_row(&logits, &row(1.0, 0, 1.0, 0.0, 1.0)), 2);
+        assert_eq!(sample_row(&logits, &row(1.0, 0, 1.0, 0.0, 0.0)), 0);
     }
 
     #[test]

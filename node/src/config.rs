@@ -599,6 +599,16 @@ mod tests {
         cfg.validate().unwrap();
         assert_eq!(cfg.auth.api_keys[1].app.as_deref(), Some("faq"));
         assert_eq!(cfg.apps[0].direct_answer_confidence, 0.8);
+        assert_eq!((cfg.device, cfg.engine.gpu_memory_utilization), (ragnode_models::DeviceSpec::Cpu, 0.9));
+        // A device the parser rejects names the file and the accepted forms.
+        let dir = tempfile_dir();
+        let bad = dir.join("bad-device.toml");
+        std::fs::write(&bad, "device = \"tpu:0\"\n").unwrap();
+        let err = ServeConfig::from_file(&bad).unwrap_err().to_string();
+        assert!(err.contains("bad-device.toml") && err.contains("cpu, cuda or cuda:N"), "{err}");
+        let mut cfg = cfg;
+        cfg.engine.gpu_memory_utilization = 1.5;
+        assert!(cfg.validate().unwrap_err().to_string().contains("gpu_memory_utilization"));
     }
 
     fn tempfile_dir() -> PathBuf {

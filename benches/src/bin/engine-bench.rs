@@ -243,7 +243,11 @@ fn main() -> Result<()> {
     }
     let single_tps = median(single);
     let mut rows = vec![
-        (format!("prefill ({}-token prompt)", args.prompt_len), median(prefill), format!("TTFT {:.1} ms", median(ttft))),
+        (
+            format!("prefill ({}-token prompt)", args.prompt_len),
+            median(prefill),
+            format!("TTFT {:.1} ms", median(ttft)),
+        ),
         ("decode, 1 stream".to_string(), single_tps, String::new()),
     ];
     if let Some((weight_bytes, bw)) = gpu {

@@ -13,7 +13,9 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Shape, Tensor};
 use clap::Parser;
 use ragnode_inference::{Engine, EngineConfig, GenerationRequest, SamplingParams, StreamEvent};
-use ragnode_kernels::attention::{PagedAttentionParams, SeqSpan, key_cache_shape, paged_attention, value_cache_shape, write_kv};
+use ragnode_kernels::attention::{
+    PagedAttentionParams, SeqSpan, key_cache_shape, paged_attention, value_cache_shape, write_kv,
+};
 use ragnode_kernels::mla::{LatentAttentionParams, latent_attention, latent_cache_shape, write_latent};
 use ragnode_kernels::rowwise::{add_rms_norm, rope_inplace, rope_split_qkv};
 use ragnode_kernels::sampling::{RowSampling, sample_rows};
@@ -72,7 +74,8 @@ fn spans(block_size: usize, num_blocks: usize) -> Vec<SeqSpan> {
 
 fn check_attention(gpu: &Device, rows: &mut Vec<Row>) -> Result<()> {
     for (dtype, limit) in [(DType::F32, 1e-4f32), (DType::F16, 1e-3), (DType::BF16, 1e-3)] {
-        for (nh, nkv, hd, bs) in [(9usize, 3usize, 64usize, 16usize), (12, 2, 128, 32), (8, 8, 128, 64), (4, 1, 96, 8)] {
+        for (nh, nkv, hd, bs) in [(9usize, 3usize, 64usize, 16usize), (12, 2, 128, 32), (8, 8, 128, 64), (4, 1, 96, 8)]
+        {
             let nb = 512;
             let seqs = spans(bs, nb);
             let t: usize = seqs.iter().map(|s| s.q_len).sum();
@@ -99,7 +102,11 @@ fn check_attention(gpu: &Device, rows: &mut Vec<Row>) -> Result<()> {
         }
         // Cache scatter: the same rows into both caches must give identical caches.
         let (nb, nkv, hd, bs) = (64, 4, 64, 16);
-        let slots: Vec<u32> = (0..200u32).map(|i| (i * 37) % (nb * bs) as u32).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let slots: Vec<u32> = (0..200u32)
+            .map(|i| (i * 37) % (nb * bs) as u32)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let n = slots.len();
         let kc = Tensor::zeros(key_cache_shape(nb, nkv, bs, hd), dtype, &Device::Cpu)?;
         let vc = Tensor::zeros(value_cache_shape(nb, nkv, bs, hd), dtype, &Device::Cpu)?;
@@ -109,7 +116,12 @@ fn check_attention(gpu: &Device, rows: &mut Vec<Row>) -> Result<()> {
         write_kv(&kc, &vc, &kr, &vr, &st)?;
         write_kv(&gk, &gv, &kr.to_device(gpu)?, &vr.to_device(gpu)?, &st.to_device(gpu)?)?;
         let d = max_abs_diff(&gk, &kc)?.max(max_abs_diff(&gv, &vc)?);
-        rows.push(Row { check: format!("kv cache scatter {dtype:?} ({n} rows)"), value: format!("{d:.2e}"), limit: "0".into(), ok: d == 0.0 });
+        rows.push(Row {
+            check: format!("kv cache scatter {dtype:?} ({n} rows)"),
+            value: format!("{d:.2e}"),
+            limit: "0".into(),
+            ok: d == 0.0,
+        });
     }
     Ok(())
 }
@@ -141,7 +153,11 @@ fn check_latent(gpu: &Device, rows: &mut Vec<Row>) -> Result<()> {
             });
         }
         let (nb, bs, ld) = (32, 16, 576);
-        let slots: Vec<u32> = (0..100u32).map(|i| i * 5 % (nb * bs) as u32).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let slots: Vec<u32> = (0..100u32)
+            .map(|i| i * 5 % (nb * bs) as u32)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let n = slots.len();
         let cache = Tensor::zeros(latent_cache_shape(nb, bs, ld), dtype, &Device::Cpu)?;
         let gcache = cache.to_device(gpu)?;
@@ -150,7 +166,12 @@ fn check_latent(gpu: &Device, rows: &mut Vec<Row>) -> Result<()> {
         write_latent(&cache, &r, &st)?;
         write_latent(&gcache, &r.to_device(gpu)?, &st.to_device(gpu)?)?;
         let d = max_abs_diff(&gcache, &cache)?;
-        rows.push(Row { check: format!("latent cache scatter {dtype:?} ({n} rows)"), value: format!("{d:.2e}"), limit: "0".into(), ok: d == 0.0 });
+        rows.push(Row {
+            check: format!("latent cache scatter {dtype:?} ({n} rows)"),
+            value: format!("{d:.2e}"),
+            limit: "0".into(),
+            ok: d == 0.0,
+        });
     }
     Ok(())
 }
@@ -159,11 +180,16 @@ fn check_rowwise(gpu: &Device, rows: &mut Vec<Row>) -> Result<()> {
     for (t, d) in [(1usize, 576usize), (64, 1536), (300, 4096)] {
         let x = randn((t, d), &Device::Cpu)?;
         let r = (randn((t, d), &Device::Cpu)? * 3.0)?;
-        let w = (randn(d, &Device::Cpu)? * 0.1 + 1.0)?;
+        let w = ((randn(d, &Device::Cpu)? * 0.1)? + 1.0)?;
         let (ws, wn) = add_rms_norm(&x, &r, &w, 1e-6)?;
         let (gs, gn) = add_rms_norm(&x.to_device(gpu)?, &r.to_device(gpu)?, &w.to_device(gpu)?, 1e-6)?;
         let diff = max_abs_diff(&gs, &ws)?.max(max_abs_diff(&gn, &wn)?);
-        rows.push(Row { check: format!("add + rms norm f32 [{t}, {d}]"), value: format!("{diff:.2e}"), limit: "1e-5".into(), ok: diff <= 1e-5 });
+        rows.push(Row {
+            check: format!("add + rms norm f32 [{t}, {d}]"),
+            value: format!("{diff:.2e}"),
+            limit: "1e-5".into(),
+            ok: diff <= 1e-5,
+        });
     }
     for (t, nh, nkv, hd) in [(1usize, 9usize, 3usize, 64usize), (200, 12, 2, 128)] {
         let qkv = randn((t, (nh + 2 * nkv) * hd), &Device::Cpu)?;
@@ -171,16 +197,27 @@ fn check_rowwise(gpu: &Device, rows: &mut Vec<Row>) -> Result<()> {
         let ang = Tensor::from_vec(pos, (t, hd / 2), &Device::Cpu)?;
         let (cos, sin) = (ang.cos()?, ang.sin()?);
         let (q, k, v) = rope_split_qkv(&qkv, &cos, &sin, nh, nkv, hd)?;
-        let (gq, gk, gv) = rope_split_qkv(&qkv.to_device(gpu)?, &cos.to_device(gpu)?, &sin.to_device(gpu)?, nh, nkv, hd)?;
+        let (gq, gk, gv) =
+            rope_split_qkv(&qkv.to_device(gpu)?, &cos.to_device(gpu)?, &sin.to_device(gpu)?, nh, nkv, hd)?;
         let diff = max_abs_diff(&gq, &q)?.max(max_abs_diff(&gk, &k)?).max(max_abs_diff(&gv, &v)?);
-        rows.push(Row { check: format!("qkv split + rope f32 t{t} h{nh}/{nkv} d{hd}"), value: format!("{diff:.2e}"), limit: "1e-6".into(), ok: diff <= 1e-6 });
+        rows.push(Row {
+            check: format!("qkv split + rope f32 t{t} h{nh}/{nkv} d{hd}"),
+            value: format!("{diff:.2e}"),
+            limit: "1e-6".into(),
+            ok: diff <= 1e-6,
+        });
         let x = randn((t, nh, hd), &Device::Cpu)?;
         let y = x.copy()?;
         rope_inplace(&y, &cos, &sin)?;
         let gy = x.to_device(gpu)?;
         rope_inplace(&gy, &cos.to_device(gpu)?, &sin.to_device(gpu)?)?;
         let diff = max_abs_diff(&gy, &y)?;
-        rows.push(Row { check: format!("rope in place f32 t{t} h{nh} d{hd}"), value: format!("{diff:.2e}"), limit: "1e-6".into(), ok: diff <= 1e-6 });
+        rows.push(Row {
+            check: format!("rope in place f32 t{t} h{nh} d{hd}"),
+            value: format!("{diff:.2e}"),
+            limit: "1e-6".into(),
+            ok: diff <= 1e-6,
+        });
     }
     Ok(())
 }
@@ -216,9 +253,13 @@ fn check_sampling(gpu: &Device, rows: &mut Vec<Row>) -> Result<()> {
 fn greedy_tokens(model: &str, device: &Device, n: usize) -> Result<Vec<u32>> {
     let loaded = load_model(model, &LoadOptions { device: device.clone(), ..LoadOptions::default() })?;
     let tok = loaded.tokenizer.clone();
-    let msgs = [ragnode_models::tokenizer::ChatMessage { role: "user".into(), content: "What is the return policy for unused items?".into() }];
+    let msgs = [ragnode_models::tokenizer::ChatMessage {
+        role: "user".into(),
+        content: "What is the return policy for unused items?".into(),
+    }];
     let prompt = tok.encode(&tok.apply_chat_template(&msgs, true)?, false)?;
-    let engine = Engine::start(loaded.model, tok, EngineConfig { kv_cache_bytes: 256 << 20, ..EngineConfig::default() })?;
+    let engine =
+        Engine::start(loaded.model, tok, EngineConfig { kv_cache_bytes: 256 << 20, ..EngineConfig::default() })?;
     let mut req = GenerationRequest::new(prompt, n);
     req.sampling = SamplingParams::greedy();
     req.ignore_eos = true;
@@ -278,7 +319,13 @@ fn main() -> Result<()> {
     }
     let bw = copy_bandwidth(&gpu)?;
     let (free, total) = ragnode_kernels::device_memory(&gpu)?.unwrap_or((0, 0));
-    println!("device: cuda:{} ({} MiB, {} MiB free); copy bandwidth {:.0} GB/s (read + write)", args.gpu, total >> 20, free >> 20, bw / 1e9);
+    println!(
+        "device: cuda:{} ({} MiB, {} MiB free); copy bandwidth {:.0} GB/s (read + write)",
+        args.gpu,
+        total >> 20,
+        free >> 20,
+        bw / 1e9
+    );
     println!();
     println!("| check | measured | limit | ok |");
     println!("|---|---|---|---|");

@@ -44,8 +44,8 @@ use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{from_fn, from_fn_with_state};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use ragnode_inference::{Engine, EngineConfig};
 use candle_core::Device;
+use ragnode_inference::{Engine, EngineConfig};
 use ragnode_models::{LoadOptions, load_model};
 use ragnode_retrieval::ingest::{FieldMapping, Format, IngestOptions, ingest_file};
 use ragnode_retrieval::{FaqShard, ShardConfig};
@@ -264,8 +264,10 @@ fn load_engine(state: &AppState, model_spec: &str, device: Device) -> Result<()>
     let t = Instant::now();
     let free_before = ragnode_kernels::device_memory(&device).ok().flatten().map(|(free, _)| free);
     let opts = LoadOptions { device: device.clone(), ..LoadOptions::default() };
-    let loaded = load_model(model_spec, &opts).with_context(|| format!("loading model `{model_spec}` on {}", cfg.device))?;
-    if let (Some(before), Some((after, total))) = (free_before, ragnode_kernels::device_memory(&device).ok().flatten()) {
+    let loaded =
+        load_model(model_spec, &opts).with_context(|| format!("loading model `{model_spec}` on {}", cfg.device))?;
+    if let (Some(before), Some((after, total))) = (free_before, ragnode_kernels::device_memory(&device).ok().flatten())
+    {
         let weights = before.saturating_sub(after);
         ::metrics::gauge!("ragnode:gpu_memory_bytes", "kind" => "weights").set(weights as f64);
         ::metrics::gauge!("ragnode:gpu_memory_total_bytes").set(total as f64);
