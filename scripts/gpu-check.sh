@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The GPU acceptance run, in two halves (the GPU machine has no Rust toolchain, and at most
-# 64 MiB travels with one call of the device tool):
+# The GPU acceptance run, in pieces: the GPU machine has no Rust toolchain, and at most
+# 64 MiB travels with one call of the device tool.
 #
 #   here:  scripts/gpu-check.sh prepare
-#          builds ragnode, engine-bench and gpu-check with --features cuda (release),
-#          strips and xz-compresses them into .gpu/bin, and splits the SmolLM2 Q4_1 GGUF
-#          into .gpu/model-a / .gpu/model-b (each carried by its own call).
-#   there: call 1, carry [".gpu/bin", ".gpu/model-a"]:  scripts/gpu-check.sh stage
-#          call 2, carry [".gpu/model-b"]:               scripts/gpu-check.sh run
-#          (call 2 right after call 1, while the machine is warm: carried ignored paths
-#          stay between calls on a warm machine). `run` writes its logs to $OUT.
+#          builds gpu-check and engine-bench with --features cuda (release), strips and
+#          xz-compresses them into .gpu/ (≈ 28 MB), and splits the SmolLM2 Q4_1 GGUF into
+#          three parts (≈ 33 MB each).
+#   there, on one warm machine (carried ignored paths stay between calls while it is warm,
+#   30 s after each call, so issue the calls back to back):
+#          call 1, carry [".gpu/bin", ".gpu/model-aa"]:  scripts/gpu-check.sh stage
+#          call 2, carry [".gpu/model-ab"]:              scripts/gpu-check.sh stage
+#          call 3, carry [".gpu/model-ac"]:              scripts/gpu-check.sh run
+#          `run` stages what it carries too, and writes its logs to $OUT.
 #
 # `run`: gpu-check (every CUDA kernel vs its CPU twin on random inputs, SmolLM2 greedy 32
 # tokens cuda == cpu, copy bandwidth), then engine-bench on a Qwen2-1.5B-shaped bf16
@@ -20,40 +22,44 @@ cd "$(dirname "$0")/.."
 CACHE="${RAGNODE_CACHE:-$HOME/.cache/ragnode}"
 GPU=.gpu
 
+B=/tmp/ragnode-gpu
+
+stage() {
+  mkdir -p "$B"
+  if [ -d "$GPU/bin" ]; then
+    for f in "$GPU"/bin/*.xz; do xz -dc "$f" >"$B/$(basename "$f" .xz)"; done
+    chmod +x "$B"/gpu-check "$B"/engine-bench
+  fi
+  for f in "$GPU"/model-a?; do [ -f "$f" ] && cp "$f" "$B/"; done
+  ls -la "$B"
+}
+
 case "${1:-}" in
 prepare)
   scripts/cuda-toolchain.sh
   scripts/fetch-test-data.sh
-  cargo build --release -p ragnode -p ragnode-benches --features ragnode/cuda,ragnode-benches/cuda \
-    --bin ragnode --bin gpu-check --bin engine-bench
+  cargo build --release -p ragnode-benches --features cuda --bin gpu-check --bin engine-bench
   target="${CARGO_TARGET_DIR:-target}/release"
   grep -qxF "/$GPU/" .git/info/exclude 2>/dev/null || echo "/$GPU/" >>.git/info/exclude
   rm -rf "$GPU" && mkdir -p "$GPU/bin"
-  for b in ragnode gpu-check engine-bench; do
+  for b in gpu-check engine-bench; do
     strip -o "$GPU/bin/$b" "$target/$b"
-    xz -T0 -6 "$GPU/bin/$b"
+    xz -T0 -9 "$GPU/bin/$b"
   done
-  model="$CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-  half=$(( ($(stat -c %s "$model") + 1) / 2 ))
-  head -c "$half" "$model" >"$GPU/model-a"
-  tail -c +"$((half + 1))" "$model" >"$GPU/model-b"
-  du -sh "$GPU"/* ;;
+  split -n 3 "$CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf" "$GPU/model-"
+  du -sh "$GPU"/bin "$GPU"/model-* ;;
 stage)
-  mkdir -p /tmp/ragnode-gpu
-  for f in "$GPU"/bin/*.xz; do xz -dc "$f" >"/tmp/ragnode-gpu/$(basename "$f" .xz)"; done
-  chmod +x /tmp/ragnode-gpu/*
-  cp "$GPU/model-a" /tmp/ragnode-gpu/model-a
-  ls -la /tmp/ragnode-gpu ;;
+  stage ;;
 run)
-  B=/tmp/ragnode-gpu
-  [ -x "$B/gpu-check" ] || { echo "error: run 'stage' first (call 1)" >&2; exit 1; }
-  cat "$B/model-a" "$GPU/model-b" >"$B/smollm2.gguf"
+  stage
+  [ -x "$B/gpu-check" ] || { echo "error: the binaries were not staged (call 1)" >&2; exit 1; }
+  for p in aa ab ac; do [ -f "$B/model-$p" ] || { echo "error: model part $p was not staged" >&2; exit 1; }; done
+  cat "$B"/model-aa "$B"/model-ab "$B"/model-ac >"$B/smollm2.gguf"
   # CUDA 13 libraries of the machine's Python packages (cuBLAS, cuRAND, NVRTC, cudart).
   libs=$(python3 -c 'import glob,os,nvidia; print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(d+"/**/lib/*.so*", recursive=True)})))')
   export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  out="${OUT:-/tmp/ragnode-gpu/out}"; mkdir -p "$out"
+  out="${OUT:-$B/out}"; mkdir -p "$out"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
-  set -o pipefail
   "$B/gpu-check" --model "$B/smollm2.gguf" --tokens 32 2>&1 | tee "$out/gpu-check.txt" || true
   for cfg in qwen2-1.5b deepseek-v2-lite; do
     timeout 240 "$B/engine-bench" --device cuda:0 --dummy-weights "benches/configs/$cfg.json" --dummy-format bf16 \

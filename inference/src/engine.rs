@@ -647,3 +647,22 @@ fn flush(a: &mut Active, tokenizer: &ModelTokenizer) -> Tail {
         StopCheck::Continue(t) => Tail { text: t + &a.stop.flush(), stopped: false },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_budget_uses_device_memory_only_where_the_device_reports_it() {
+        let cfg =
+            EngineConfig { kv_cache_bytes: 123 << 20, device_memory_utilization: Some(0.9), ..Default::default() };
+        // The CPU reports no device memory: the configured budget stands.
+        assert_eq!(kv_budget(&cfg, &candle_core::Device::Cpu).unwrap(), 123 << 20);
+        let plain = EngineConfig { device_memory_utilization: None, ..cfg.clone() };
+        assert_eq!(kv_budget(&plain, &candle_core::Device::Cpu).unwrap(), 123 << 20);
+        for bad in [0.0, -0.5, 1.5, f32::NAN] {
+            let c = EngineConfig { device_memory_utilization: Some(bad), ..cfg.clone() };
+            assert!(kv_budget(&c, &candle_core::Device::Cpu).is_err(), "{bad}");
+        }
+    }
+}

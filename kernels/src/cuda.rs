@@ -71,32 +71,65 @@ pub(crate) fn latent_attention_supported(p: &LatentAttentionParams) -> bool {
 }
 
 /// Per-row sequence index and position, and the block tables padded to one width: what
-/// the attention kernels read instead of the host-side spans.
+/// the attention kernels read instead of the host-side spans. One upload per step: every
+/// layer's attention call gets the same `Arc<[SeqSpan]>`, and [`row_map`] hands them the
+/// copy already on the device.
 struct RowMap {
-    row_seq: Vec<u32>,
-    row_pos: Vec<u32>,
-    tables: Vec<u32>,
+    /// `[row_seq (rows) | row_pos (rows) | tables (seqs × max_blocks)]` in one buffer.
+    data: CudaSlice<u32>,
+    rows: usize,
     max_blocks: usize,
 }
 
 impl RowMap {
-    fn new(seqs: &[SeqSpan]) -> Self {
+    fn upload(seqs: &[SeqSpan], dev: &CudaDevice) -> Result<Self> {
         let max_blocks = seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(0).max(1);
-        let (mut row_seq, mut row_pos) = (Vec::new(), Vec::new());
-        let mut tables = vec![0u32; seqs.len().max(1) * max_blocks];
+        let rows: usize = seqs.iter().map(|s| s.q_len).sum();
+        let mut data = vec![0u32; 2 * rows + seqs.len().max(1) * max_blocks];
+        let (mut r, tables) = (0, 2 * rows);
         for (i, s) in seqs.iter().enumerate() {
-            tables[i * max_blocks..i * max_blocks + s.block_table.len()].copy_from_slice(&s.block_table);
-            for r in 0..s.q_len {
-                row_seq.push(i as u32);
-                row_pos.push((s.ctx_len - s.q_len + r) as u32);
+            let at = tables + i * max_blocks;
+            data[at..at + s.block_table.len()].copy_from_slice(&s.block_table);
+            for j in 0..s.q_len {
+                data[r] = i as u32;
+                data[rows + r] = (s.ctx_len - s.q_len + j) as u32;
+                r += 1;
             }
         }
-        Self { row_seq, row_pos, tables, max_blocks }
+        Ok(Self { data: dev.clone_htod(&data)?, rows, max_blocks })
     }
 
-    fn upload(&self, dev: &CudaDevice) -> Result<(CudaSlice<u32>, CudaSlice<u32>, CudaSlice<u32>)> {
-        Ok((dev.clone_htod(&self.row_seq)?, dev.clone_htod(&self.row_pos)?, dev.clone_htod(&self.tables)?))
+    fn row_seq(&self) -> CudaView<'_, u32> {
+        self.data.slice(0..self.rows)
     }
+
+    fn row_pos(&self) -> CudaView<'_, u32> {
+        self.data.slice(self.rows..2 * self.rows)
+    }
+
+    fn tables(&self) -> CudaView<'_, u32> {
+        self.data.slice(2 * self.rows..)
+    }
+}
+
+/// The last step's row map: (its spans, weakly held so the address cannot be reused while
+/// cached; the device; the upload).
+type CachedRowMap = (std::sync::Weak<[SeqSpan]>, candle_core::cuda_backend::DeviceId, Arc<RowMap>);
+static LAST_ROW_MAP: std::sync::Mutex<Option<CachedRowMap>> = std::sync::Mutex::new(None);
+
+/// The device copy of `seqs`' row map, uploaded on the first call of a step.
+fn row_map(seqs: &Arc<[SeqSpan]>, dev: &CudaDevice) -> Result<Arc<RowMap>> {
+    let mut last = LAST_ROW_MAP.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((spans, id, map)) = last.as_ref()
+        && spans.strong_count() > 0
+        && std::ptr::addr_eq(spans.as_ptr(), Arc::as_ptr(seqs))
+        && *id == dev.id()
+    {
+        return Ok(map.clone());
+    }
+    let map = Arc::new(RowMap::upload(seqs, dev)?);
+    *last = Some((Arc::downgrade(seqs), dev.id(), map.clone()));
+    Ok(map)
 }
 
 /// [`crate::attention::paged_attention`] on CUDA: `q [T, heads, head_dim]` f32 with the two
@@ -137,8 +170,8 @@ impl CustomOp3 for PagedAttention {
         let out = unsafe { dev.alloc::<f32>(n.max(1))? };
         // No launch (and no zero-byte uploads, which the driver rejects) for an empty batch.
         if rows > 0 {
-            let map = RowMap::new(&p.seqs);
-            let (row_seq, row_pos, tables) = map.upload(&dev)?;
+            let map = row_map(&p.seqs, &dev)?;
+            let (row_seq, row_pos, tables) = (map.row_seq(), map.row_pos(), map.tables());
             let (max_blocks, heads, kvh, hd, bs) = (
                 map.max_blocks as u32,
                 p.num_heads as u32,
@@ -193,8 +226,8 @@ impl CustomOp2 for LatentAttention {
         let q = view::<f32>(qs, ql, "latent attention q")?;
         let out = unsafe { dev.alloc::<f32>((rows * p.num_heads * p.value_dim).max(1))? };
         if rows > 0 {
-            let map = RowMap::new(&p.seqs);
-            let (row_seq, row_pos, tables) = map.upload(&dev)?;
+            let map = row_map(&p.seqs, &dev)?;
+            let (row_seq, row_pos, tables) = (map.row_seq(), map.row_pos(), map.tables());
             let (ld, vd) = (p.latent_dim as u32, p.value_dim as u32);
             let cfg = LaunchConfig {
                 grid_dim: (rows as u32, p.num_heads as u32, 1),
