@@ -46,6 +46,11 @@ pub struct EngineConfig {
     /// leaving this fraction of the device in use once the cache is allocated (the
     /// weights are already loaded; a working reserve for activations is kept aside).
     pub device_memory_utilization: Option<f32>,
+    /// Sample on the logits' device (`ragnode_kernels::sampling`) instead of copying the
+    /// logits to the host: `None` on CUDA devices only; `Some(true)` on any device (the
+    /// CPU runs the reference rule: tests of this path); `Some(false)` never. Rows with
+    /// penalties or log-probabilities always go through the host [`Sampler`].
+    pub device_sampling: Option<bool>,
 }
 
 impl Default for EngineConfig {
@@ -59,6 +64,7 @@ impl Default for EngineConfig {
             max_waiting: 256,
             max_context: None,
             device_memory_utilization: None,
+            device_sampling: None,
         }
     }
 }
@@ -547,7 +553,7 @@ impl Worker {
     /// penalties, no log-probabilities), so only the ids cross PCIe; otherwise copies the
     /// logits to the host for the [`Sampler`]s.
     fn sample_or_fetch(&mut self, items: &[StepItem], logits: &Tensor) -> candle_core::Result<StepOutput> {
-        if logits.device().is_cuda() {
+        if self.shared.cfg.device_sampling.unwrap_or(logits.device().is_cuda()) {
             let mut rows = Vec::new();
             for it in items.iter().filter(|it| it.samples) {
                 match self.sched.get(it.id).and_then(|s| s.payload.sampler.device_settings()) {
