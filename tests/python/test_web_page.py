@@ -83,11 +83,14 @@ def drive_page(cdp, node):
     cdp.call("Page.enable")
     cdp.call("Runtime.enable")
     # The node needs a key: the page keeps it in localStorage, as a user would enter it.
+    # Page.navigate returns before the new document exists: each wait names the page's
+    # origin and tolerates a document that has no body yet (else it may run on the old one).
+    loaded = f"location.href.startsWith({json.dumps(node.base)}) && document.readyState === 'complete'"
     cdp.call("Page.navigate", url=node.base + "/")
-    wait_for(cdp, "document.readyState === 'complete'")
+    wait_for(cdp, loaded)
     cdp.eval(f"localStorage.setItem('ragnode_api_key', {json.dumps(API_KEY)})")
     cdp.call("Page.navigate", url=node.base + "/")
-    wait_for(cdp, "document.getElementById('status').textContent === 'connected'")
+    wait_for(cdp, loaded + " && document.getElementById('status')?.textContent === 'connected'")
 
     cdp.eval("""(() => {
         const q = document.getElementById('question');
