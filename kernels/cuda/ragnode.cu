@@ -55,6 +55,36 @@ __device__ float block_max(float v, float* scratch) {
     return warp_max(v);
 }
 
+// End of a split online softmax: each warp holds its running max `m`, denominator `l`
+// and numerators `acc` (lane owns elements lane + 32 i of `width`); the block merges them
+// through shared memory (`wm`, `wl`: [WARPS], `wacc`: [WARPS][width]) into `out[width]`.
+template <int WARPS, int PER_LANE>
+__device__ void merge_warps(float m, float l, const float (&acc)[PER_LANE], float* wm, float* wl, float* wacc,
+                            uint32_t width, float* __restrict__ out) {
+    const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) {
+        wm[warp] = m;
+        wl[warp] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) {
+        const uint32_t d = lane + 32 * i;
+        if (d < width) wacc[warp * width + d] = acc[i];
+    }
+    __syncthreads();
+    float mx = -INFINITY;
+    for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, wm[w]);
+    float denom = 0.f;
+    for (int w = 0; w < WARPS; ++w)
+        if (wm[w] != -INFINITY) denom += wl[w] * expf(wm[w] - mx);
+    for (uint32_t d = threadIdx.x; d < width; d += blockDim.x) {
+        float num = 0.f;
+        for (int w = 0; w < WARPS; ++w)
+            if (wm[w] != -INFINITY) num += wacc[w * width + d] * expf(wm[w] - mx);
+        out[d] = num / denom;
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Paged attention (decode rows and prefill chunks alike): one CTA per (query row, head),
 // PA_WARPS warps each running an online softmax over their share of the key tiles, merged
@@ -131,27 +161,7 @@ __device__ void paged_attention(float* __restrict__ out, const float* __restrict
         m = m_new;
     }
 
-    if (lane == 0) {
-        wm[warp] = m;
-        wl[warp] = l;
-    }
-#pragma unroll
-    for (int i = 0; i < PA_MAX_DPL; ++i) {
-        const uint32_t d = lane + 32 * i;
-        if (d < hd) wacc[warp * hd + d] = acc[i];
-    }
-    __syncthreads();
-    float mx = -INFINITY;
-    for (int w = 0; w < PA_WARPS; ++w) mx = fmaxf(mx, wm[w]);
-    float denom = 0.f;
-    for (int w = 0; w < PA_WARPS; ++w)
-        if (wm[w] != -INFINITY) denom += wl[w] * expf(wm[w] - mx);
-    for (uint32_t d = threadIdx.x; d < hd; d += blockDim.x) {
-        float num = 0.f;
-        for (int w = 0; w < PA_WARPS; ++w)
-            if (wm[w] != -INFINITY) num += wacc[w * hd + d] * expf(wm[w] - mx);
-        out[((size_t)row * heads + h) * hd + d] = num / denom;
-    }
+    merge_warps<PA_WARPS, PA_MAX_DPL>(m, l, acc, wm, wl, wacc, hd, out + ((size_t)row * heads + h) * hd);
 }
 
 #define PAGED_ATTENTION(NAME, T)                                                                          \
@@ -212,27 +222,7 @@ __device__ void latent_attention(float* __restrict__ out, const float* __restric
         }
         m = m_new;
     }
-    if (lane == 0) {
-        wm[warp] = m;
-        wl[warp] = l;
-    }
-#pragma unroll
-    for (int i = 0; i < ML_MAX_VPL; ++i) {
-        const uint32_t d = lane + 32 * i;
-        if (d < vd) wacc[warp * vd + d] = acc[i];
-    }
-    __syncthreads();
-    float mx = -INFINITY;
-    for (int w = 0; w < ML_WARPS; ++w) mx = fmaxf(mx, wm[w]);
-    float denom = 0.f;
-    for (int w = 0; w < ML_WARPS; ++w)
-        if (wm[w] != -INFINITY) denom += wl[w] * expf(wm[w] - mx);
-    for (uint32_t d = threadIdx.x; d < vd; d += blockDim.x) {
-        float num = 0.f;
-        for (int w = 0; w < ML_WARPS; ++w)
-            if (wm[w] != -INFINITY) num += wacc[w * vd + d] * expf(wm[w] - mx);
-        out[((size_t)row * heads + h) * vd + d] = num / denom;
-    }
+    merge_warps<ML_WARPS, ML_MAX_VPL>(m, l, acc, wm, wl, wacc, vd, out + ((size_t)row * heads + h) * vd);
 }
 
 #define LATENT_ATTENTION(NAME, T)                                                                        \

@@ -7,10 +7,10 @@
 use candle_core::backend::BackendStorage;
 use std::sync::Arc;
 
+use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp3, Layout, Result, Shape,
     bail,
@@ -57,6 +57,28 @@ fn view<'a, T: candle_core::cuda_backend::CudaDType>(
 fn grid_for(n: usize, threads: u32) -> LaunchConfig {
     let blocks = n.div_ceil(threads as usize).clamp(1, 65_535 * 8) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Runs `$body` with `$t` naming the element type of a cache dtype (the kernels' f32 /
+/// f16 / bf16 variants); other dtypes are an error naming `$what`.
+macro_rules! with_cache_type {
+    ($dtype:expr, $what:expr, $t:ident => $body:block) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            d => bail!("{}: unsupported cache dtype {d:?}", $what),
+        }
+    };
 }
 
 /// Whether the attention kernel covers this shape (else the candle-ops reference runs).
@@ -185,22 +207,14 @@ impl CustomOp3 for PagedAttention {
                 shared_mem_bytes: (hd + PA_WARPS * (2 + hd)) * 4,
             };
             let (f, stream) = func(&dev, &format!("paged_attention_{}", suffix(ks.dtype())?))?;
-            macro_rules! go {
-                ($t:ty) => {{
-                    let (k, v) = (view::<$t>(ks, kl, "key cache")?, view::<$t>(vs, vl, "value cache")?);
-                    let mut b = stream.launch_builder(&f);
-                    b.arg(&out).arg(&q).arg(&k).arg(&v).arg(&row_seq).arg(&row_pos).arg(&tables);
-                    b.arg(&max_blocks).arg(&heads).arg(&kvh).arg(&hd).arg(&bs).arg(&p.scale);
-                    // SAFETY: arguments match the kernel; spans validated on the host.
-                    unsafe { b.launch(cfg) }.w()?;
-                }};
-            }
-            match ks.dtype() {
-                DType::F32 => go!(f32),
-                DType::F16 => go!(half::f16),
-                DType::BF16 => go!(half::bf16),
-                d => bail!("paged attention: unsupported cache dtype {d:?}"),
-            }
+            with_cache_type!(ks.dtype(), "paged attention", T => {
+                let (k, v) = (view::<T>(ks, kl, "key cache")?, view::<T>(vs, vl, "value cache")?);
+                let mut b = stream.launch_builder(&f);
+                b.arg(&out).arg(&q).arg(&k).arg(&v).arg(&row_seq).arg(&row_pos).arg(&tables);
+                b.arg(&max_blocks).arg(&heads).arg(&kvh).arg(&hd).arg(&bs).arg(&p.scale);
+                // SAFETY: arguments match the kernel; spans validated on the host.
+                unsafe { b.launch(cfg) }.w()?;
+            });
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((rows, p.num_heads, p.head_dim))))
     }
@@ -238,21 +252,13 @@ impl CustomOp2 for LatentAttention {
             let (max_blocks, heads, bs) = (map.max_blocks as u32, p.num_heads as u32, p.block_size as u32);
             let mut b = stream.launch_builder(&f);
             b.arg(&out).arg(&q);
-            macro_rules! go {
-                ($t:ty) => {{
-                    let c = view::<$t>(cs, cl, "latent cache")?;
-                    b.arg(&c).arg(&row_seq).arg(&row_pos).arg(&tables);
-                    b.arg(&max_blocks).arg(&heads).arg(&ld).arg(&vd).arg(&bs).arg(&p.scale);
-                    // SAFETY: arguments match the kernel; spans validated on the host.
-                    unsafe { b.launch(cfg) }.w()?;
-                }};
-            }
-            match cs.dtype() {
-                DType::F32 => go!(f32),
-                DType::F16 => go!(half::f16),
-                DType::BF16 => go!(half::bf16),
-                d => bail!("latent attention: unsupported cache dtype {d:?}"),
-            }
+            with_cache_type!(cs.dtype(), "latent attention", T => {
+                let c = view::<T>(cs, cl, "latent cache")?;
+                b.arg(&c).arg(&row_seq).arg(&row_pos).arg(&tables);
+                b.arg(&max_blocks).arg(&heads).arg(&ld).arg(&vd).arg(&bs).arg(&p.scale);
+                // SAFETY: arguments match the kernel; spans validated on the host.
+                unsafe { b.launch(cfg) }.w()?;
+            });
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((rows, p.num_heads, p.value_dim))))
     }
@@ -309,37 +315,27 @@ impl InplaceOp3 for WriteCache {
         };
         let (f, stream) = func(&dev, &name)?;
         let cfg = grid_for(n, 256);
-        macro_rules! go {
-            ($t:ty, $variant:ident) => {{
-                let CudaStorageSlice::$variant(cache) = &mut cs.slice else { bail!("cache dtype mismatch") };
-                let mut cache = cache.slice_mut(start..end);
-                let mut b = stream.launch_builder(&f);
-                b.arg(&mut cache).arg(&src).arg(&slots).arg(&t);
-                let args = match self {
-                    // dims: [blocks, kv_heads, head_dim, block_size] (keys) or
-                    // [blocks, kv_heads, block_size, head_dim] (values).
-                    Self::Kv { keys } => {
-                        let (nb, kvh) = (dims[0] as u32, dims[1] as u32);
-                        let (hd, bs) =
-                            if *keys { (dims[2] as u32, dims[3] as u32) } else { (dims[3] as u32, dims[2] as u32) };
-                        vec![kvh, hd, bs, nb, u32::from(*keys)]
-                    }
-                    // dims: [blocks, block_size, latent_dim]
-                    Self::Latent => vec![dims[2] as u32, (dims[0] * dims[1]) as u32],
-                };
-                for a in &args {
-                    b.arg(a);
-                }
-                // SAFETY: arguments match the kernel; out-of-range slots are skipped there.
-                unsafe { b.launch(cfg) }.w()?;
-            }};
-        }
-        match dtype {
-            DType::F32 => go!(f32, F32),
-            DType::F16 => go!(half::f16, F16),
-            DType::BF16 => go!(half::bf16, BF16),
-            d => bail!("cache write: unsupported cache dtype {d:?}"),
-        }
+        let args = match self {
+            // dims: [blocks, kv_heads, head_dim, block_size] (keys) or
+            // [blocks, kv_heads, block_size, head_dim] (values).
+            Self::Kv { keys } => {
+                let (nb, kvh) = (dims[0] as u32, dims[1] as u32);
+                let (hd, bs) = if *keys { (dims[2] as u32, dims[3] as u32) } else { (dims[3] as u32, dims[2] as u32) };
+                vec![kvh, hd, bs, nb, u32::from(*keys)]
+            }
+            // dims: [blocks, block_size, latent_dim]
+            Self::Latent => vec![dims[2] as u32, (dims[0] * dims[1]) as u32],
+        };
+        with_cache_type!(dtype, "cache write", T => {
+            let mut cache = cs.as_cuda_slice_mut::<T>()?.slice_mut(start..end);
+            let mut b = stream.launch_builder(&f);
+            b.arg(&mut cache).arg(&src).arg(&slots).arg(&t);
+            for a in &args {
+                b.arg(a);
+            }
+            // SAFETY: arguments match the kernel; out-of-range slots are skipped there.
+            unsafe { b.launch(cfg) }.w()?;
+        });
         Ok(())
     }
 }
@@ -426,7 +422,7 @@ impl InplaceOp3 for RopeInplace {
         let (t, n, d) = xl.shape().dims3()?;
         let (cos, sin) = (view::<f32>(cs, cl, "cos")?, view::<f32>(ss, sl, "sin")?);
         let Some((a, b_end)) = xl.contiguous_offsets() else { bail!("rope: x must be contiguous") };
-        let CudaStorageSlice::F32(x) = &mut xs.slice else { bail!("rope: x must be f32") };
+        let x = xs.as_cuda_slice_mut::<f32>()?;
         let mut x = x.slice_mut(a..b_end);
         if t * n * d == 0 {
             return Ok(());

@@ -641,10 +641,10 @@ impl Attention {
             (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
         let q = self.q.forward(h)?.to_dtype(DType::F32)?.reshape((t, nh, dn + dr))?;
         let q_nope = q.narrow(2, 0, dn)?.contiguous()?;
-        let q_pe = rope(&q.narrow(2, dn, dr)?.contiguous()?, ctx)?;
+        let q_pe = rope(&q.narrow(2, dn, dr)?, ctx)?;
         let ckv = self.kv_a.forward(h)?.to_dtype(DType::F32)?;
         let c = self.kv_a_norm.forward(&ckv.narrow(1, 0, r)?.contiguous()?)?;
-        let k_pe = rope(&ckv.narrow(1, r, dr)?.contiguous()?.reshape((t, 1, dr))?, ctx)?.reshape((t, dr))?;
+        let k_pe = rope(&ckv.narrow(1, r, dr)?.unsqueeze(1)?, ctx)?.reshape((t, dr))?;
         let out = match ctx.mode {
             MlaCache::Latent => {
                 let layer_cache = cache.latent_layer(layer)?;
@@ -690,10 +690,11 @@ impl Attention {
     }
 }
 
-/// Half-split rope over the last dimension of `x: [T, heads, d]`, rotated in place in a
-/// fresh copy (x is a view into the projection's output).
+/// Half-split rope over the last dimension of `x: [T, heads, d]` (a view into a
+/// projection's output), rotated in place in the one copy that makes it contiguous.
 fn rope(x: &Tensor, ctx: &StepContext) -> Result<Tensor> {
-    let y = x.copy()?;
+    // `contiguous` returns a shared view when x is already contiguous: copy then.
+    let y = if x.is_contiguous() { x.copy()? } else { x.contiguous()? };
     ragnode_kernels::rowwise::rope_inplace(&y, &ctx.cos, &ctx.sin)?;
     Ok(y)
 }

@@ -41,6 +41,14 @@ struct Row {
     ok: bool,
 }
 
+impl Row {
+    /// A comparison against the CPU twin: passes when the max abs difference is within
+    /// `limit` (0: exact). NaN never passes.
+    fn diff(check: String, diff: f32, limit: f32) -> Self {
+        Self { check, value: format!("{diff:.2e}"), limit: format!("{limit:.0e}"), ok: diff <= limit }
+    }
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?;
     let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?;
@@ -93,12 +101,7 @@ fn check_attention(gpu: &Device, rows: &mut Vec<Row>) -> Result<()> {
             let want = paged_attention(&q, &k, &v, &p)?;
             let got = paged_attention(&q.to_device(gpu)?, &k.to_device(gpu)?, &v.to_device(gpu)?, &p)?;
             let d = max_abs_diff(&got, &want)?;
-            rows.push(Row {
-                check: format!("paged attention {dtype:?} h{nh}/{nkv} d{hd} bs{bs} ({t} rows)"),
-                value: format!("{d:.2e}"),
-                limit: format!("{limit:.0e}"),
-                ok: d <= limit,
-            });
+            rows.push(Row::diff(format!("paged attention {dtype:?} h{nh}/{nkv} d{hd} bs{bs} ({t} rows)"), d, limit));
         }
         // Cache scatter: the same rows into both caches must give identical caches.
         let (nb, nkv, hd, bs) = (64, 4, 64, 16);
@@ -116,12 +119,7 @@ fn check_attention(gpu: &Device, rows: &mut Vec<Row>) -> Result<()> {
         write_kv(&kc, &vc, &kr, &vr, &st)?;
         write_kv(&gk, &gv, &kr.to_device(gpu)?, &vr.to_device(gpu)?, &st.to_device(gpu)?)?;
         let d = max_abs_diff(&gk, &kc)?.max(max_abs_diff(&gv, &vc)?);
-        rows.push(Row {
-            check: format!("kv cache scatter {dtype:?} ({n} rows)"),
-            value: format!("{d:.2e}"),
-            limit: "0".into(),
-            ok: d == 0.0,
-        });
+        rows.push(Row::diff(format!("kv cache scatter {dtype:?} ({n} rows)"), d, 0.0));
     }
     Ok(())
 }
@@ -145,12 +143,7 @@ fn check_latent(gpu: &Device, rows: &mut Vec<Row>) -> Result<()> {
             let want = latent_attention(&q, &cache, &p)?;
             let got = latent_attention(&q.to_device(gpu)?, &cache.to_device(gpu)?, &p)?;
             let d = max_abs_diff(&got, &want)?;
-            rows.push(Row {
-                check: format!("latent attention {dtype:?} h{nh} {ld}/{vd} bs{bs} ({t} rows)"),
-                value: format!("{d:.2e}"),
-                limit: format!("{limit:.0e}"),
-                ok: d <= limit,
-            });
+            rows.push(Row::diff(format!("latent attention {dtype:?} h{nh} {ld}/{vd} bs{bs} ({t} rows)"), d, limit));
         }
         let (nb, bs, ld) = (32, 16, 576);
         let slots: Vec<u32> = (0..100u32)
@@ -166,12 +159,7 @@ fn check_latent(gpu: &Device, rows: &mut Vec<Row>) -> Result<()> {
         write_latent(&cache, &r, &st)?;
         write_latent(&gcache, &r.to_device(gpu)?, &st.to_device(gpu)?)?;
         let d = max_abs_diff(&gcache, &cache)?;
-        rows.push(Row {
-            check: format!("latent cache scatter {dtype:?} ({n} rows)"),
-            value: format!("{d:.2e}"),
-            limit: "0".into(),
-            ok: d == 0.0,
-        });
+        rows.push(Row::diff(format!("latent cache scatter {dtype:?} ({n} rows)"), d, 0.0));
     }
     Ok(())
 }
@@ -184,12 +172,7 @@ fn check_rowwise(gpu: &Device, rows: &mut Vec<Row>) -> Result<()> {
         let (ws, wn) = add_rms_norm(&x, &r, &w, 1e-6)?;
         let (gs, gn) = add_rms_norm(&x.to_device(gpu)?, &r.to_device(gpu)?, &w.to_device(gpu)?, 1e-6)?;
         let diff = max_abs_diff(&gs, &ws)?.max(max_abs_diff(&gn, &wn)?);
-        rows.push(Row {
-            check: format!("add + rms norm f32 [{t}, {d}]"),
-            value: format!("{diff:.2e}"),
-            limit: "1e-5".into(),
-            ok: diff <= 1e-5,
-        });
+        rows.push(Row::diff(format!("add + rms norm f32 [{t}, {d}]"), diff, 1e-5));
     }
     for (t, nh, nkv, hd) in [(1usize, 9usize, 3usize, 64usize), (200, 12, 2, 128)] {
         let qkv = randn((t, (nh + 2 * nkv) * hd), &Device::Cpu)?;
@@ -200,24 +183,14 @@ fn check_rowwise(gpu: &Device, rows: &mut Vec<Row>) -> Result<()> {
         let (gq, gk, gv) =
             rope_split_qkv(&qkv.to_device(gpu)?, &cos.to_device(gpu)?, &sin.to_device(gpu)?, nh, nkv, hd)?;
         let diff = max_abs_diff(&gq, &q)?.max(max_abs_diff(&gk, &k)?).max(max_abs_diff(&gv, &v)?);
-        rows.push(Row {
-            check: format!("qkv split + rope f32 t{t} h{nh}/{nkv} d{hd}"),
-            value: format!("{diff:.2e}"),
-            limit: "1e-6".into(),
-            ok: diff <= 1e-6,
-        });
+        rows.push(Row::diff(format!("qkv split + rope f32 t{t} h{nh}/{nkv} d{hd}"), diff, 1e-6));
         let x = randn((t, nh, hd), &Device::Cpu)?;
         let y = x.copy()?;
         rope_inplace(&y, &cos, &sin)?;
         let gy = x.to_device(gpu)?;
         rope_inplace(&gy, &cos.to_device(gpu)?, &sin.to_device(gpu)?)?;
         let diff = max_abs_diff(&gy, &y)?;
-        rows.push(Row {
-            check: format!("rope in place f32 t{t} h{nh} d{hd}"),
-            value: format!("{diff:.2e}"),
-            limit: "1e-6".into(),
-            ok: diff <= 1e-6,
-        });
+        rows.push(Row::diff(format!("rope in place f32 t{t} h{nh} d{hd}"), diff, 1e-6));
     }
     Ok(())
 }
