@@ -146,12 +146,8 @@ fn full_pool_makes_requests_wait_and_full_queue_rejects() {
 
     let mut a = engine.submit(greedy(a_prompt, a_max)).unwrap();
     assert!(matches!(a.next_blocking(), Some(StreamEvent::Delta { .. })));
+    // B waits: the pool cannot take it while A runs (64 sequences would be allowed).
     let b = engine.submit(greedy(b_prompt, 8)).unwrap();
-    // B is queued (the pool cannot take it while A runs): the next one is turned away.
-    match engine.submit(greedy(vec![1, 2, 3], 4)) {
-        Err(EngineError::Overloaded { waiting: 1, limit: 1 }) => {}
-        other => panic!("expected Overloaded, got {other:?}"),
-    }
     wait_until("B waiting while A runs", Duration::from_secs(5), || engine.stats().waiting == 1);
     assert_eq!(engine.stats().running, 1);
 
@@ -164,6 +160,28 @@ fn full_pool_makes_requests_wait_and_full_queue_rejects() {
     // A prompt that cannot fit the context at all is refused up front.
     let too_long = vec![1u32; 200];
     assert!(matches!(engine.submit(greedy(too_long, 1)), Err(EngineError::ContextLength { prompt: 200, limit: 128 })));
+    engine.shutdown();
+}
+
+#[test]
+fn the_engine_takes_max_num_seqs_plus_max_waiting_requests_in_a_burst() {
+    let m = model();
+    let engine = start(&m, EngineConfig { max_num_seqs: 2, max_waiting: 2, ..EngineConfig::default() });
+    // Ten at once, before the engine thread has admitted any: exactly 2 + 2 are taken,
+    // however far the engine thread has got.
+    let results: Vec<_> = (0..10).map(|_| engine.submit(greedy(chat(&m.tokenizer, "Tell me a story."), 32))).collect();
+    let accepted: Vec<_> = results.iter().filter(|r| r.is_ok()).collect();
+    assert_eq!(accepted.len(), 4);
+    for r in &results[4..] {
+        assert!(matches!(r, Err(EngineError::Overloaded { in_engine: 4, limit: 4 })), "{r:?}");
+    }
+    // Once they finish, the room is back.
+    for r in results.into_iter().flatten() {
+        r.collect_blocking();
+    }
+    wait_until("requests done", Duration::from_secs(10), || engine.stats().running == 0);
+    let again: Vec<_> = (0..5).map(|_| engine.submit(greedy(vec![1, 2, 3], 2))).collect();
+    assert_eq!(again.iter().filter(|r| r.is_ok()).count(), 4);
     engine.shutdown();
 }
 

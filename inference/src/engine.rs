@@ -38,7 +38,10 @@ pub struct EngineConfig {
     pub kv_cache_bytes: usize,
     /// KV-cache element type; default f32 on CPU, bf16 on GPUs.
     pub kv_dtype: Option<DType>,
-    /// Requests that may wait for admission before `submit` answers `Overloaded`.
+    /// Requests that may wait for admission beyond the `max_num_seqs` that run: `submit`
+    /// accepts while fewer than `max_num_seqs + max_waiting` requests are in the engine
+    /// (running, waiting or not yet seen by the engine thread) and answers `Overloaded`
+    /// after that, whatever the engine thread has got round to.
     pub max_waiting: usize,
     /// Cap on prompt + generated tokens; default the model's context length.
     pub max_context: Option<usize>,
@@ -71,8 +74,8 @@ impl Default for EngineConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("overloaded: {waiting} requests are already waiting (limit {limit}); retry later")]
-    Overloaded { waiting: usize, limit: usize },
+    #[error("overloaded: {in_engine} requests are already running or waiting (limit {limit}); retry later")]
+    Overloaded { in_engine: usize, limit: usize },
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     #[error("the prompt has {prompt} tokens but the context limit is {limit}")]
@@ -86,8 +89,10 @@ pub enum EngineError {
 /// Live counters, shared with handles (metrics, health, tests).
 #[derive(Debug, Default)]
 struct Counters {
-    /// Submitted, not yet admitted for the first time (bounded by `max_waiting`).
-    queued: AtomicUsize,
+    /// Submitted and not finished: running, waiting, or on its way to the engine thread
+    /// (bounded by `max_num_seqs + max_waiting`). Counted at submit and at the final
+    /// event, so the bound does not depend on how far the engine thread has got.
+    in_engine: AtomicUsize,
     running: AtomicUsize,
     waiting: AtomicUsize,
     steps: AtomicU64,
@@ -278,16 +283,16 @@ impl EngineHandle {
         if req.prompt.len() >= s.context_limit {
             return Err(EngineError::ContextLength { prompt: req.prompt.len(), limit: s.context_limit });
         }
-        let limit = s.cfg.max_waiting;
+        let limit = s.cfg.max_num_seqs.saturating_add(s.cfg.max_waiting);
         s.counters
-            .queued
+            .in_engine
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| (q < limit).then_some(q + 1))
-            .map_err(|waiting| EngineError::Overloaded { waiting, limit })?;
+            .map_err(|in_engine| EngineError::Overloaded { in_engine, limit })?;
         let id = s.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = unbounded_channel();
         let cmd = Command::Submit { id, req: Box::new(req), tx, at: Instant::now() };
         if s.cmd.lock().unwrap_or_else(|e| e.into_inner()).send(cmd).is_err() {
-            s.counters.queued.fetch_sub(1, Ordering::AcqRel);
+            s.counters.in_engine.fetch_sub(1, Ordering::AcqRel);
             return Err(EngineError::Stopped);
         }
         Ok(TokenStream { id, rx })
@@ -488,7 +493,6 @@ impl Worker {
                 && seq.payload.admitted.is_none()
             {
                 seq.payload.admitted = Some(now);
-                self.shared.counters.queued.fetch_sub(1, Ordering::AcqRel);
             }
         }
     }
@@ -576,9 +580,7 @@ impl Worker {
     /// Sends the final event of a removed sequence.
     fn finished(&self, seq: Sequence<Active>, reason: FinishReason, error: Option<String>) {
         let c = &self.shared.counters;
-        if seq.payload.admitted.is_none() {
-            c.queued.fetch_sub(1, Ordering::AcqRel);
-        }
+        c.in_engine.fetch_sub(1, Ordering::AcqRel);
         if reason == FinishReason::Cancelled {
             c.cancelled.fetch_add(1, Ordering::Relaxed);
         }
