@@ -406,7 +406,7 @@ mod tests {
         let path = dir.path().join("faq.jsonl");
         let mut data = Vec::new();
         data.extend_from_slice(
-            b"{\"id\": \"a\", \"question\": \"\xe9\x80\x80\xe8\xb4\xa7?\", \"alt_questions\": [\"x\"]}\n",
+            b"{\"id\": \"a\", \"question\": \"\xe9\x80\x80\xe8\xb4\xa7?\", \"alt_questions\": [\"x\"], \"answer\": \"y\"}\n",
         );
         data.extend_from_slice(b"{\"id\": \"b\", \"question\": \"bad \xff utf8\"}\n"); // line 2: invalid UTF-8
         data.extend_from_slice(b"\n");
@@ -415,7 +415,7 @@ mod tests {
         data.extend_from_slice(b"{not json\n"); // line 6
         let huge = "x".repeat(crate::entry::MAX_FIELD_BYTES + 1);
         data.extend_from_slice(format!("{{\"id\": \"h\", \"question\": \"q\", \"answer\": \"{huge}\"}}\n").as_bytes());
-        data.extend_from_slice(b"{\"id\": 7, \"question\": \"numeric id\", \"tags\": \"t1|t2\"}\n"); // line 8
+        data.extend_from_slice(b"{\"id\": 7, \"question\": \"numeric id\", \"answer\": \"n\", \"tags\": \"t1|t2\"}\n"); // line 8
         std::fs::write(&path, data).unwrap();
         let (report, commits) = run(&shard, &path, Format::Jsonl, 1);
         assert_eq!(report.committed, 2);
@@ -463,7 +463,11 @@ mod tests {
         assert_eq!(e.alt_questions, ["怎么退货", "退货流程"]);
 
         let json_path = dir.path().join("faq.json");
-        std::fs::write(&json_path, r#"[{"id": "j1", "question": "Q1"}, 5, {"id": "j2", "question": "Q2"}]"#).unwrap();
+        std::fs::write(
+            &json_path,
+            r#"[{"id": "j1", "question": "Q1", "answer": "A1"}, 5, {"id": "j2", "question": "Q2", "answer": "A2"}]"#,
+        )
+        .unwrap();
         let (report, _) = run(&shard, &json_path, Format::Json, 10);
         assert_eq!(report.committed, 2);
         assert_eq!(report.rejected[0].pos, RowPos::Element(2));

@@ -728,7 +728,7 @@ mod tests {
     fn a_reader_opens_beside_a_writer() {
         let dir = tempfile::tempdir().unwrap();
         let writer = demo(dir.path());
-        writer.stage(&entry("w1", "写入中", "", "", "zh")).unwrap(); // holds the writer
+        writer.stage(&entry("w1", "写入中", "写入", "", "zh")).unwrap(); // holds the writer
         let reader = FaqShard::open(dir.path(), &ShardConfig::default()).unwrap();
         assert_eq!(reader.search("退货政策", &SearchOptions::default()).unwrap()[0].id, "r1");
         // Only one of them may write.

@@ -98,6 +98,13 @@ impl FaqLog {
     /// Appends writes, each to its entry's shard; once JetStream stored them all, returns
     /// for each shard written the stream sequence of its last message.
     pub async fn append(&self, op: FaqOp) -> Result<BTreeMap<u32, u64>> {
+        // What is logged is replayed by every replica forever: nothing invalid goes in
+        // (callers validate first, with better errors; this is the last line).
+        if let FaqOp::Upsert { entries } = &op
+            && let Some((e, err)) = entries.iter().find_map(|e| e.validate().err().map(|err| (e, err)))
+        {
+            anyhow::bail!("FAQ entry {:?}: {err}", e.id);
+        }
         let parts = match op {
             FaqOp::Upsert { entries } => self.messages(entries, |e| &e.id, |entries| FaqOp::Upsert { entries }),
             FaqOp::Delete { ids } => self.messages(ids, |id| id, |ids| FaqOp::Delete { ids }),

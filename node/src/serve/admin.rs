@@ -52,7 +52,12 @@ pub async fn upsert(
         return Err(ApiError::invalid_param("entries", format!("send 1 to {MAX_BATCH} entries")));
     }
     for (i, e) in req.entries.iter().enumerate() {
-        e.validate().map_err(|err| ApiError::invalid_param("entries", format!("entries[{i}] ({:?}): {err}", e.id)))?;
+        e.validate().map_err(|err| {
+            ApiError::invalid_param(
+                format!("entries[{i}].{}", err.field()),
+                format!("entries[{i}] ({:?}): {err}", e.id),
+            )
+        })?;
     }
     let out = state.faq()?.upsert(req.entries).await?;
     clear_app_caches(&state);

@@ -1,6 +1,8 @@
 //! Errors as OpenAI's API returns them, so the official SDKs raise their typed errors:
 //! `{"error": {"message", "type", "param", "code"}}` with the matching HTTP status.
 
+use std::borrow::Cow;
+
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -16,7 +18,8 @@ pub struct ApiError {
     /// Machine-readable code (`context_length_exceeded`, `model_not_found`, ...).
     pub code: &'static str,
     pub message: String,
-    pub param: Option<&'static str>,
+    /// The request field at fault (`messages`, `entries[3].answer`).
+    pub param: Option<Cow<'static, str>>,
     /// Seconds, for 429/503.
     pub retry_after: Option<u64>,
 }
@@ -44,8 +47,8 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", code, message)
     }
 
-    pub fn invalid_param(param: &'static str, message: impl Into<String>) -> Self {
-        Self { param: Some(param), ..Self::bad_request("invalid_value", message) }
+    pub fn invalid_param(param: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
+        Self { param: Some(param.into()), ..Self::bad_request("invalid_value", message) }
     }
 
     pub fn unauthorized(message: impl Into<String>) -> Self {
@@ -78,12 +81,24 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error", message)
     }
 
+    /// 408: the client did not send its request in time; the connection is closed.
+    pub fn request_timeout(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", "request_timeout", message)
+    }
+
     pub fn timeout(message: impl Into<String>) -> Self {
         Self::new(StatusCode::GATEWAY_TIMEOUT, "server_error", "timeout", message)
     }
 
     pub fn body(&self) -> ErrorBody<'_> {
-        ErrorBody { error: ErrorObject { message: &self.message, kind: self.kind, param: self.param, code: self.code } }
+        ErrorBody {
+            error: ErrorObject {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param.as_deref(),
+                code: self.code,
+            },
+        }
     }
 }
 
@@ -98,6 +113,10 @@ impl IntoResponse for ApiError {
         let mut resp = (self.status, Json(self.body())).into_response();
         if let Some(secs) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the request may never come: do not wait for it on this connection.
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         // Lets the audit layer log the code without parsing the body.
         resp.extensions_mut().insert(ErrorCode(self.code));
@@ -115,7 +134,7 @@ impl From<EngineError> for ApiError {
             EngineError::Overloaded { .. } => Self::overloaded(e.to_string()),
             EngineError::InvalidRequest(m) => Self::bad_request("invalid_request", m),
             EngineError::ContextLength { prompt, limit } => Self {
-                param: Some("messages"),
+                param: Some("messages".into()),
                 ..Self::bad_request(
                     "context_length_exceeded",
                     format!(
