@@ -158,7 +158,8 @@ pub struct EngineSettings {
     pub max_num_seqs: usize,
     pub max_batch_tokens: usize,
     pub kv_cache_mib: usize,
-    /// Requests that may wait for admission; more are answered 429.
+    /// Requests that may wait for admission beside the `max_num_seqs` running: at most
+    /// `max_num_seqs + max_waiting` are accepted at once; more are answered 429.
     pub max_waiting: usize,
     /// Cap on prompt + completion tokens (default: the model's context).
     pub max_model_len: Option<usize>,
@@ -189,6 +190,21 @@ pub struct Limits {
     /// Longest a request may run (non-streaming: 504; streaming: the stream ends with an
     /// error event).
     pub request_timeout_secs: u64,
+    /// A request body must arrive complete within this (and within
+    /// `request_timeout_secs`); a slower one gets 408 and its connection is closed.
+    pub body_read_timeout_secs: u64,
+    /// A request head must arrive complete within this of its first byte, and a new
+    /// connection must send its first request within it; else the connection is closed.
+    pub header_read_timeout_secs: u64,
+    /// A connection idle between requests is closed after this.
+    pub keep_alive_timeout_secs: u64,
+    /// Open connections at most (WebSockets included); more are answered 503 and closed.
+    /// The open-file limit must allow this many plus the node's own files (checked, and
+    /// raised up to the hard limit, at start).
+    pub max_connections: usize,
+    /// Open connections from one source address at most (429 past it); 0: no cap. Behind
+    /// a proxy every connection comes from the proxy: raise it or set 0 there.
+    pub max_connections_per_ip: usize,
     /// Largest WebSocket message from a client.
     pub ws_max_message_bytes: usize,
     /// Seconds between server pings on a WebSocket; a socket that misses two pongs is closed.
@@ -206,6 +222,11 @@ impl Default for Limits {
         Self {
             max_body_bytes: 4 << 20,
             request_timeout_secs: 300,
+            body_read_timeout_secs: 30,
+            header_read_timeout_secs: 10,
+            keep_alive_timeout_secs: 60,
+            max_connections: 4096,
+            max_connections_per_ip: 512,
             ws_max_message_bytes: 256 << 10,
             ws_ping_interval_secs: 30,
             ws_max_inflight: 8,
@@ -351,7 +372,7 @@ pub struct ServeArgs {
     /// KV-cache memory in MiB (CPU) [default: 1024].
     #[arg(long, env = "RAGNODE_KV_CACHE_MIB")]
     pub kv_cache_mib: Option<usize>,
-    /// Requests waiting for admission before 429 [default: 256].
+    /// Requests that may wait beside the max-num-seqs running before 429 [default: 256].
     #[arg(long, env = "RAGNODE_MAX_WAITING")]
     pub max_waiting: Option<usize>,
     /// Cap on prompt + completion tokens [default: the model's context].
@@ -366,6 +387,21 @@ pub struct ServeArgs {
     /// Seconds between WebSocket pings [default: 30].
     #[arg(long, env = "RAGNODE_WS_PING_INTERVAL_SECS")]
     pub ws_ping_interval_secs: Option<u64>,
+    /// Seconds a request body may take to arrive [default: 30].
+    #[arg(long, env = "RAGNODE_BODY_READ_TIMEOUT_SECS")]
+    pub body_read_timeout_secs: Option<u64>,
+    /// Seconds a request head may take to arrive (and a new connection to send one) [default: 10].
+    #[arg(long, env = "RAGNODE_HEADER_READ_TIMEOUT_SECS")]
+    pub header_read_timeout_secs: Option<u64>,
+    /// Seconds an idle keep-alive connection is kept open [default: 60].
+    #[arg(long, env = "RAGNODE_KEEP_ALIVE_TIMEOUT_SECS")]
+    pub keep_alive_timeout_secs: Option<u64>,
+    /// Open connections at most [default: 4096].
+    #[arg(long, env = "RAGNODE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Open connections per source address at most; 0: no cap [default: 512].
+    #[arg(long, env = "RAGNODE_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
     /// NATS server to join a cluster through (`nats://host:4222`); none: a single node.
     #[arg(long, env = "RAGNODE_NATS")]
     pub nats: Option<String>,
@@ -440,6 +476,11 @@ impl ServeConfig {
         set(&mut self.limits.max_body_bytes, &a.max_body_bytes);
         set(&mut self.limits.request_timeout_secs, &a.request_timeout_secs);
         set(&mut self.limits.ws_ping_interval_secs, &a.ws_ping_interval_secs);
+        set(&mut self.limits.body_read_timeout_secs, &a.body_read_timeout_secs);
+        set(&mut self.limits.header_read_timeout_secs, &a.header_read_timeout_secs);
+        set(&mut self.limits.keep_alive_timeout_secs, &a.keep_alive_timeout_secs);
+        set(&mut self.limits.max_connections, &a.max_connections);
+        set(&mut self.limits.max_connections_per_ip, &a.max_connections_per_ip);
         for (i, spec) in a.api_keys.iter().enumerate() {
             self.auth.api_keys.push(parse_key(spec, "key", i)?);
         }
@@ -480,6 +521,15 @@ impl ServeConfig {
         }
         if l.request_timeout_secs == 0 || l.ws_ping_interval_secs == 0 || l.ws_max_inflight == 0 {
             bail!("limits.request_timeout_secs, ws_ping_interval_secs and ws_max_inflight must be > 0");
+        }
+        if l.body_read_timeout_secs == 0
+            || l.header_read_timeout_secs == 0
+            || l.keep_alive_timeout_secs == 0
+            || l.max_connections == 0
+        {
+            bail!(
+                "limits.body_read_timeout_secs, header_read_timeout_secs, keep_alive_timeout_secs and max_connections must be > 0"
+            );
         }
         let mut names = std::collections::HashSet::new();
         for app in &self.apps {

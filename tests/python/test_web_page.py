@@ -88,6 +88,8 @@ def drive_page(cdp, node):
     loaded = f"location.href.startsWith({json.dumps(node.base)}) && document.readyState === 'complete'"
     cdp.call("Page.navigate", url=node.base + "/")
     wait_for(cdp, loaded)
+    # Without a key the page says that the server wants one (not just "disconnected").
+    wait_for(cdp, loaded + " && (document.getElementById('status')?.textContent || '').includes('needs an API key')")
     cdp.eval(f"localStorage.setItem('ragnode_api_key', {json.dumps(API_KEY)})")
     cdp.call("Page.navigate", url=node.base + "/")
     wait_for(cdp, loaded + " && document.getElementById('status')?.textContent === 'connected'")

@@ -14,8 +14,9 @@ use std::collections::VecDeque;
 use ragnode_inference::{EngineHandle, FinishReason, SampledLogprobs, StreamEvent, TokenStream, Usage};
 
 use super::audit::AuditCell;
+use super::coalesce::{Follower, SharedEvent, Started};
 use super::metrics as m;
-use super::rag::{RagApp, Source};
+use super::rag::{CachedAnswer, RagApp, Source};
 use super::routing::{Placement, RemoteEnd, RemoteRequest, RemoteStream, Router};
 
 /// Where a generated answer's tokens come from.
@@ -94,6 +95,8 @@ enum Origin {
     Engine(TokenSource),
     /// Text known up front (cached or FAQ answers), as deltas.
     Known(std::collections::VecDeque<String>),
+    /// Another request's generation of the same answer (see `coalesce`).
+    Shared(Follower),
     Ended,
 }
 
@@ -118,6 +121,9 @@ pub struct AnswerStream {
     started: Instant,
     last_token: Option<Instant>,
     prompt_tokens: usize,
+    /// Usage and finish reason reported for a known answer.
+    known_usage: Usage,
+    known_finish: &'static str,
 }
 
 impl AnswerStream {
@@ -141,11 +147,26 @@ impl AnswerStream {
         self
     }
 
-    /// An answer known up front.
-    pub fn known(text: String, sources: Arc<Vec<Source>>, cache_hit: bool) -> Self {
-        let mut s = Self::new(Origin::Known([text].into()), 0, tokio::time::Instant::now());
+    /// An answer known up front; `usage` counts the question's and the answer's tokens.
+    pub fn known(text: String, sources: Arc<Vec<Source>>, cache_hit: bool, usage: Usage) -> Self {
+        let mut s = Self::new(Origin::Known([text].into()), usage.prompt_tokens, tokio::time::Instant::now());
         s.sources = sources;
         s.cache_hit = cache_hit;
+        s.known_usage = usage;
+        s
+    }
+
+    /// A cached answer, served as first served (text, sources, finish reason, usage).
+    pub fn cached(hit: &CachedAnswer) -> Self {
+        let mut s = Self::known(hit.text.clone(), hit.sources.clone(), true, hit.usage);
+        s.known_finish = hit.finish_reason;
+        s
+    }
+
+    /// A generation shared with other requests, followed from its first event.
+    pub fn follow(follower: Follower, started: Started, deadline: tokio::time::Instant) -> Self {
+        let mut s = Self::new(Origin::Shared(follower), started.prompt_tokens, deadline);
+        s.sources = started.sources;
         s
     }
 
@@ -166,6 +187,8 @@ impl AnswerStream {
             started: Instant::now(),
             last_token: None,
             prompt_tokens,
+            known_usage: Usage::default(),
+            known_finish: "stop",
         }
     }
 
@@ -200,7 +223,17 @@ impl AnswerStream {
 
     /// Whether the text comes from the model (not a cached or FAQ answer).
     pub fn is_generated(&self) -> bool {
-        matches!(self.origin, Origin::Engine(_))
+        matches!(self.origin, Origin::Engine(_) | Origin::Shared(_))
+    }
+
+    /// Records the time to this client's first text in its audit line.
+    fn note_first_text(&mut self) {
+        if let Some(a) = &self.audit {
+            let ttft = (self.started.elapsed().as_secs_f64() * 1e6).round() / 1e3;
+            a.update(|r| {
+                r.ttft_ms.get_or_insert(ttft);
+            });
+        }
     }
 
     pub fn prompt_tokens(&self) -> usize {
@@ -214,14 +247,23 @@ impl AnswerStream {
                 Origin::Ended => return None,
                 Origin::Known(text) => {
                     let Some(text) = text.pop_front() else {
-                        let end = AnswerEnd { finish_reason: "stop", usage: Usage::default(), error: None };
+                        let end = AnswerEnd { finish_reason: self.known_finish, usage: self.known_usage, error: None };
                         return Some(self.finish(end));
                     };
-                    if let Some(a) = &self.audit {
-                        let ttft = (self.started.elapsed().as_secs_f64() * 1e6).round() / 1e3;
-                        a.update(|r| r.ttft_ms = Some(ttft));
-                    }
+                    self.note_first_text();
                     return Some(AnswerEvent::Delta { text, logprobs: Vec::new() });
+                }
+                Origin::Shared(f) => {
+                    let end = match tokio::time::timeout_at(self.deadline, f.next()).await {
+                        Ok(Some(SharedEvent::Delta(text))) => {
+                            self.note_first_text();
+                            return Some(AnswerEvent::Delta { text, logprobs: Vec::new() });
+                        }
+                        Ok(Some(SharedEvent::Done(end))) => end,
+                        Ok(None) => self.error_end("engine_error", "the shared generation ended early".into()),
+                        Err(_) => self.error_end("timeout", "the request ran past the server's time limit".into()),
+                    };
+                    return Some(self.finish(end));
                 }
                 Origin::Engine(source) => match tokio::time::timeout_at(self.deadline, async {
                     match source {
@@ -355,12 +397,20 @@ impl AnswerStream {
         if from_engine {
             m::e2e_latency(self.started.elapsed(), end.finish_reason);
         }
-        // Only an answer the model ended itself is worth repeating to others.
+        // A complete answer — ended by the model, or at the app's own max_tokens, which
+        // another generation with the same settings would hit too — is repeated to others
+        // (with its finish reason); an error or a cancel is not.
         if end.error.is_none()
-            && end.finish_reason == "stop"
+            && matches!(end.finish_reason, "stop" | "length")
             && let Some((app, key, epoch)) = self.cache.take()
         {
-            app.store(key, std::mem::take(&mut self.text), self.sources.clone(), epoch);
+            let usage = Usage {
+                prompt_tokens: self.prompt_tokens.max(end.usage.prompt_tokens),
+                completion_tokens: end.usage.completion_tokens,
+            };
+            let text = std::mem::take(&mut self.text);
+            let cached = CachedAnswer { text, sources: self.sources.clone(), finish_reason: end.finish_reason, usage };
+            app.store(key, cached, epoch);
         }
         if let Some(a) = &self.audit {
             let prompt = self.prompt_tokens.max(end.usage.prompt_tokens);

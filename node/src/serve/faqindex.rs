@@ -50,10 +50,14 @@ async fn log_write(c: &ClusterSearch, op: FaqOp) -> Result<(u64, bool), ApiError
 impl FaqIndex {
     pub async fn search(&self, query: &str, opts: &SearchOptions) -> Result<Found, ApiError> {
         match self {
-            // Cached and quick: stays on this thread.
+            // Usually a cache hit or a millisecond, but a long query through jieba and a big
+            // index can take longer: off the runtime's workers.
             Self::Local(shard) => {
-                let hits =
-                    shard.search(query, opts).map_err(|e| ApiError::internal(format!("FAQ search failed: {e}")))?;
+                let (shard, query, opts) = (shard.clone(), query.to_string(), opts.clone());
+                let hits = blocking(move || {
+                    shard.search(&query, &opts).map_err(|e| ApiError::internal(format!("FAQ search failed: {e}")))
+                })
+                .await?;
                 Ok(Found { hits, missing: Vec::new() })
             }
             Self::Cluster(c) => {

@@ -63,6 +63,25 @@ fn describe() {
     describe_counter!("ragnode:faq_shard_failures_total", "Cluster: shard requests no replica answered in time.");
     describe_counter!("ragnode:faq_search_partial_total", "Cluster: searches answered without every shard.");
     describe_gauge!("ragnode:conversations", "Conversations kept server-side.");
+    describe_counter!(
+        "ragnode:engine_requests_finished_total",
+        "Generations the engine ended (any reason): one per model run, however many clients shared it."
+    );
+    describe_counter!(
+        "ragnode:answers_coalesced_total",
+        "Requests that followed an identical question's generation already in flight."
+    );
+    describe_gauge!("ragnode:http_connections", "Open HTTP connections (WebSockets included).");
+    describe_counter!("ragnode:http_connections_accepted_total", "HTTP connections accepted.");
+    describe_counter!(
+        "ragnode:http_connections_refused_total",
+        "Connections answered and closed at once, by the cap they hit (max_connections, max_connections_per_ip)."
+    );
+    describe_counter!(
+        "ragnode:http_connections_timed_out_total",
+        "Idle connections closed: a request head too slow (header) or idle between requests (keep_alive)."
+    );
+    describe_counter!("ragnode:http_accept_errors_total", "Failed accepts (e.g. out of file descriptors).");
 }
 
 pub fn time_to_first_token(d: Duration) {
@@ -109,6 +128,7 @@ pub fn render(state: &AppState) -> String {
         metrics::gauge!("ragnode:num_requests_waiting").set(s.waiting as f64);
         let usage = if s.kv_blocks_total == 0 { 0.0 } else { s.kv_blocks_used as f64 / s.kv_blocks_total as f64 };
         metrics::gauge!("ragnode:kv_cache_usage_perc").set(usage);
+        metrics::counter!("ragnode:engine_requests_finished_total").absolute(s.finished);
         if state.cfg.device != ragnode_models::DeviceSpec::Cpu {
             metrics::gauge!("ragnode:gpu_memory_bytes", "kind" => "kv_cache").set(s.kv_cache_bytes as f64);
         }

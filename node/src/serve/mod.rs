@@ -9,6 +9,7 @@
 //! | `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models` | [`openai`] |
 //! | `POST /v1/chat-messages` (Dify) | [`dify`] |
 //! | `GET /v1/chat/ws` | [`ws`] |
+//! | `POST /tokenize`, `POST /detokenize` | [`tokenize`] |
 //! | `/v1/admin/faq...` | [`admin`] |
 //! | `/`, `/healthz`, `/readyz`, `/metrics` | here |
 //!
@@ -19,20 +20,22 @@ pub mod admin;
 pub mod answer;
 pub mod audit;
 pub mod auth;
+pub mod coalesce;
 pub mod dify;
 pub mod error;
 pub mod extract;
 pub mod faqindex;
+pub mod listener;
 pub mod metrics;
 pub mod openai;
 pub mod rag;
 pub mod reasoning;
 pub mod routing;
 pub mod state;
+pub mod tokenize;
 pub mod ws;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -61,8 +64,13 @@ use state::{AppState, SharedState};
 
 const INDEX_HTML: &str = include_str!("../../web/index.html");
 
+/// File descriptors the node needs beside its connections: model and index files
+/// (tantivy keeps a few per segment), logs, NATS, the runtime's own.
+const RESERVED_FDS: u64 = 512;
+
 /// Runs the server until Ctrl-C / SIGTERM.
 pub fn run(cfg: ServeConfig) -> Result<()> {
+    hand_back_large_buffers();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ragnode-http")
@@ -101,8 +109,12 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
         membership: OnceLock::new(),
         router: OnceLock::new(),
         faq_shards: OnceLock::new(),
+        prompt_workers: Arc::new(tokio::sync::Semaphore::new(state::PROMPT_WORKERS)),
+        max_prompt_bytes: OnceLock::new(),
         cfg,
     });
+    // Every connection is a file descriptor: make sure the cap can be reached.
+    listener::ensure_fd_limit(state.cfg.limits.max_connections as u64 + RESERVED_FDS);
     let listener = tokio::net::TcpListener::bind(state.cfg.listen)
         .await
         .with_context(|| format!("binding {}", state.cfg.listen))?;
@@ -135,11 +147,8 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
         tokio::task::spawn_blocking(move || load(&state, &model_spec, device))
     };
     let app = router(state.clone());
-    let mut server = tokio::spawn(async move {
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-    });
+    let limits = listener::ConnLimits::from_config(&state.cfg.limits);
+    let mut server = tokio::spawn(listener::serve(listener, app, limits, shutdown_signal()));
     tokio::select! {
         // A signal while loading.
         res = &mut server => return res.context("server task")?.context("serving HTTP"),
@@ -154,6 +163,20 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
         engine.shutdown();
     }
     Ok(())
+}
+
+/// Request bodies (up to `max_body_bytes`) and the tokenizer's working memory for long
+/// prompts are large, short-lived buffers. glibc serves them from its heap once its
+/// adaptive mmap threshold has risen past them, and a heap keeps what it freed: RSS
+/// ratchets up with every burst. A fixed 1 MiB threshold maps such buffers on their own,
+/// so freeing them gives the memory back.
+fn hand_back_large_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's tuning; it is called before the
+    // runtime's threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
 }
 
 /// This node's status for the cluster. `recent` holds the generation-token count and
@@ -295,6 +318,9 @@ fn load_engine(state: &AppState, model_spec: &str, device: Device) -> Result<()>
     };
     let engine = Engine::start(loaded.model, tokenizer, engine_cfg).context("starting the engine")?;
     tracing::info!(load_ms = t.elapsed().as_millis() as u64, context = engine.context_limit(), "model loaded");
+    let max_prompt_bytes = state::max_prompt_bytes(engine.tokenizer(), engine.context_limit());
+    tracing::info!(?max_prompt_bytes, "prompts longer than this are refused before tokenizing");
+    let _ = state.max_prompt_bytes.set(max_prompt_bytes);
     let _ = state.engine.set(engine);
     Ok(())
 }
@@ -420,6 +446,8 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/chat-messages", post(dify::chat_messages))
         .route("/v1/chat/ws", get(ws::upgrade))
         .route("/v1/cluster", get(cluster_view))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route_layer(from_fn_with_state(state.clone(), auth::require_api_key));
     let admin = Router::new()
         .route("/v1/admin/faq", post(admin::upsert))
@@ -447,6 +475,7 @@ pub fn router(state: SharedState) -> Router {
     // Outermost last. The panic guard sits inside the audit layer so a panicking request is
     // still counted and audited (as its 500).
     app.layer(from_fn(panic_guard))
+        .layer(from_fn_with_state(state.clone(), extract::drain_unread_body))
         .layer(from_fn_with_state(state.clone(), audit::audit))
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
         .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))

@@ -145,7 +145,7 @@ fn new_id(prefix: &str) -> String {
 
 impl SamplingFields {
     /// Validates and converts; `logprobs` is the number of alternatives to return.
-    fn to_params(&self, logprobs: Option<usize>) -> Result<GenParams, ApiError> {
+    pub fn to_params(&self, logprobs: Option<usize>) -> Result<GenParams, ApiError> {
         if let Some(n) = self.n
             && n != 1
         {
@@ -218,7 +218,7 @@ fn content_text(c: Option<&Content>) -> Result<String, ApiError> {
     }
 }
 
-fn chat_messages(wire: &[WireMessage]) -> Result<Vec<ChatMessage>, ApiError> {
+pub fn chat_messages(wire: &[WireMessage]) -> Result<Vec<ChatMessage>, ApiError> {
     if wire.is_empty() {
         return Err(ApiError::invalid_param("messages", "messages must contain at least one message"));
     }

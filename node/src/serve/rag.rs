@@ -12,11 +12,13 @@ use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
 use minijinja::Environment;
+use ragnode_inference::Usage;
 use ragnode_models::tokenizer::ChatMessage;
 use ragnode_retrieval::FaqHit;
 use ragnode_retrieval::cache::{CacheCounters, HotAnswerCache, normalize_question};
 use serde::Serialize;
 
+use super::coalesce::Coalescer;
 use super::error::ApiError;
 use crate::config::AppConfig;
 
@@ -48,12 +50,17 @@ impl From<&FaqHit> for Source {
 pub struct CachedAnswer {
     pub text: String,
     pub sources: Arc<Vec<Source>>,
+    /// `stop`, or `length` for an answer cut at the app's `max_tokens` (served as such).
+    pub finish_reason: &'static str,
+    /// The tokens of the question and of the answer as first served.
+    pub usage: Usage,
 }
 
 /// What to do with one question.
 pub enum RagPlan {
-    /// Answer with this text, no model (cache hit, confident FAQ hit, or no-answer text).
-    Answer { text: String, sources: Arc<Vec<Source>>, cache_hit: bool },
+    /// Answer with this text, no model (confident FAQ hit, or no-answer text); to be
+    /// cached under `cache_key` (key, epoch) if set.
+    Answer { text: String, sources: Arc<Vec<Source>>, cache_key: Option<(String, u64)> },
     /// Ask the model.
     Generate {
         messages: Vec<ChatMessage>,
@@ -71,6 +78,8 @@ pub struct RagApp {
     pub cfg: AppConfig,
     env: Environment<'static>,
     cache: HotAnswerCache<CachedAnswer>,
+    /// First-turn generations in flight, shared by identical questions.
+    pub inflight: Arc<Coalescer>,
     /// Bumped by every cache clear: an answer computed from the FAQ as it was before a
     /// write is not stored after it.
     epoch: AtomicU64,
@@ -89,7 +98,7 @@ impl RagApp {
             .map_err(|e| format!("app {:?}: prompt_template: {e}", cfg.name))?;
         let cache_capacity = if cfg.cache { ragnode_retrieval::cache::DEFAULT_CAPACITY } else { 0 };
         let cache = HotAnswerCache::new(cache_capacity, ragnode_retrieval::cache::DEFAULT_TTL);
-        Ok(Self { cfg, env, cache, epoch: AtomicU64::new(0) })
+        Ok(Self { cfg, env, cache, inflight: Arc::default(), epoch: AtomicU64::new(0) })
     }
 
     pub fn cache_counters(&self) -> Arc<CacheCounters> {
@@ -140,15 +149,12 @@ impl RagApp {
         {
             let sources = Arc::new(vec![Source::from(*top)]);
             let text = format!("{}\n\n{}", top.answer, source_line(&sources));
-            if let Some(key) = cache_key {
-                self.store(key, text.clone(), sources.clone(), epoch);
-            }
-            return Ok(RagPlan::Answer { text, sources, cache_hit: false });
+            return Ok(RagPlan::Answer { text, sources, cache_key: cache_key.map(|k| (k, epoch)) });
         }
         if hits.is_empty()
             && let Some(text) = &self.cfg.no_answer
         {
-            return Ok(RagPlan::Answer { text: text.clone(), sources, cache_hit: false });
+            return Ok(RagPlan::Answer { text: text.clone(), sources, cache_key: None });
         }
 
         let faq_answer = hits
@@ -175,11 +181,11 @@ impl RagApp {
         Ok(RagPlan::Generate { messages, sources, suffix, cache_key })
     }
 
-    /// Remembers a complete first-turn answer computed in cache epoch `epoch` (dropped if
-    /// the FAQ changed since).
-    pub fn store(&self, key: String, text: String, sources: Arc<Vec<Source>>, epoch: u64) {
+    /// Remembers a first-turn answer computed in cache epoch `epoch` (dropped if the FAQ
+    /// changed since).
+    pub fn store(&self, key: String, answer: CachedAnswer, epoch: u64) {
         if self.epoch() == epoch {
-            self.cache.put(key, Arc::new(CachedAnswer { text, sources }));
+            self.cache.put(key, Arc::new(answer));
         }
     }
 

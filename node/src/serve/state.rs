@@ -5,7 +5,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use ragnode_inference::{EngineHandle, GenerationRequest, SamplingParams};
+use ragnode_inference::{EngineHandle, GenerationRequest, SamplingParams, Usage};
 use ragnode_models::tokenizer::ChatMessage;
 use ragnode_retrieval::SearchOptions;
 
@@ -14,9 +14,10 @@ use std::collections::VecDeque;
 use super::answer::{AnswerStream, Redispatch, TokenSource, dispatch};
 use super::audit::{AuditCell, AuditSink};
 use super::auth::KeyRing;
+use super::coalesce::{Role, Started};
 use super::error::ApiError;
 use super::faqindex::FaqIndex;
-use super::rag::{ConversationStore, RagApp, RagPlan};
+use super::rag::{CachedAnswer, ConversationStore, RagApp, RagPlan};
 use super::routing::{Placement, RemoteRequest, Router};
 use crate::config::ServeConfig;
 
@@ -49,6 +50,75 @@ pub struct AppState {
     pub router: OnceLock<Arc<Router>>,
     /// Cluster mode: the FAQ shards this node holds (set at join, before they catch up).
     pub faq_shards: OnceLock<Arc<crate::cluster::faqshards::FaqShards>>,
+    /// Slots for prompt rendering + tokenization on the blocking pool ([`PROMPT_WORKERS`]).
+    pub prompt_workers: Arc<tokio::sync::Semaphore>,
+    /// Set with the engine: prompts longer than this many bytes cannot fit the context
+    /// ([`max_prompt_bytes`]; `None`: no such bound is known for the tokenizer).
+    pub max_prompt_bytes: OnceLock<Option<usize>>,
+}
+
+/// Prompt-work jobs (chat-template rendering + tokenization) running at once; more wait
+/// for a slot (within the request deadline).
+pub const PROMPT_WORKERS: usize = 4;
+
+/// Prompts past this size leave large freed buffers behind (the tokenizer's working
+/// memory is ~100× the text): handed back to the OS after them.
+const LARGE_PROMPT_BYTES: usize = 256 << 10;
+
+/// Returns freed heap memory to the OS. glibc keeps freed blocks in its per-thread
+/// arenas; after a burst of large prompts that is hundreds of MB the node no longer uses.
+fn give_back_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases memory glibc's allocator owns and no longer hands
+    // out; it takes no pointers and is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// What a request asks the model to continue.
+pub enum PromptInput {
+    /// A conversation, rendered with the model's chat template (ending with the
+    /// assistant's turn opened, when `add_generation_prompt`).
+    Chat { messages: Vec<ChatMessage>, add_generation_prompt: bool },
+    /// Raw text (completions), with the tokenizer's BOS.
+    Text(String),
+}
+
+/// Refuses a prompt of `bytes` that cannot fit `limit` tokens whatever it says.
+fn check_prompt_bytes(bytes: usize, max_bytes: Option<usize>, limit: usize) -> Result<(), ApiError> {
+    match max_bytes {
+        Some(max) if bytes > max => Err(ApiError {
+            param: Some("messages".into()),
+            ..ApiError::bad_request(
+                "context_length_exceeded",
+                format!(
+                    "This model's maximum context length is {limit} tokens. However, your prompt is {bytes} bytes, more than that many tokens can hold. Please reduce the length of the messages."
+                ),
+            )
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The most prompt bytes `context_limit` tokens of `tok` can hold, when that can be known
+/// without tokenizing: for BPE vocabularies (byte-level or byte-fallback) no token covers
+/// more input bytes than its vocabulary entry is long (a byte-level entry spells each
+/// byte as one character; SentencePiece's `▁` is three bytes for one space), and an
+/// unknown character that is not fused with its neighbours is one token. With a
+/// normalizer a factor 4 covers one that shrinks the text (NFKC maps a 4-byte character
+/// to 1 byte at most). Other vocabularies (WordPiece, Unigram, word-level, fused
+/// unknowns) can map a long run of text to one token: `None`.
+pub fn max_prompt_bytes(tok: &ragnode_models::tokenizer::ModelTokenizer, context_limit: usize) -> Option<usize> {
+    use tokenizers::ModelWrapper;
+    let inner = tok.inner();
+    match inner.get_model() {
+        ModelWrapper::BPE(bpe) if bpe.unk_token.is_none() || !bpe.fuse_unk || bpe.byte_fallback => {}
+        _ => return None,
+    }
+    let longest = inner.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(4);
+    let shrink = if inner.get_normalizer().is_some() { 4 } else { 1 };
+    context_limit.checked_mul(longest)?.checked_mul(shrink)
 }
 
 /// Generation settings from a request, before they meet the prompt.
@@ -87,13 +157,8 @@ impl AppState {
         audit: Option<Arc<AuditCell>>,
         affinity: Option<&str>,
     ) -> Result<AnswerStream, ApiError> {
-        let engine = self.engine()?;
-        let tok = engine.tokenizer();
-        let text = tok
-            .apply_chat_template(messages, true)
-            .map_err(|e| ApiError::bad_request("invalid_request", format!("the chat template failed: {e}")))?;
-        // The template spells out any BOS it wants.
-        let ids = tok.encode(&text, false).map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?;
+        let ids =
+            self.encode_prompt(PromptInput::Chat { messages: messages.to_vec(), add_generation_prompt: true }).await?;
         self.start_ids(ids, params, audit, affinity).await
     }
 
@@ -105,13 +170,57 @@ impl AppState {
         audit: Option<Arc<AuditCell>>,
         affinity: Option<&str>,
     ) -> Result<AnswerStream, ApiError> {
-        let engine = self.engine()?;
-        let ids =
-            engine.tokenizer().encode(prompt, true).map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?;
+        let ids = self.encode_prompt(PromptInput::Text(prompt.to_string())).await?;
         if ids.is_empty() {
             return Err(ApiError::invalid_param("prompt", "the prompt is empty"));
         }
         self.start_ids(ids, params, audit, affinity).await
+    }
+
+    /// A prompt's token ids. Rendering and tokenizing a large prompt takes a while (a
+    /// 4 MB prompt: seconds), so it runs on the blocking pool, at most
+    /// [`PROMPT_WORKERS`] at a time, and never on the runtime's workers (health checks
+    /// and streams stay live). A prompt whose text is too long for the context whatever
+    /// its tokens is refused before it is tokenized.
+    pub async fn encode_prompt(&self, input: PromptInput) -> Result<Vec<u32>, ApiError> {
+        let engine = self.engine()?;
+        let limit = engine.context_limit();
+        let max_bytes = self.max_prompt_bytes.get().copied().flatten();
+        if let PromptInput::Text(text) = &input {
+            check_prompt_bytes(text.len(), max_bytes, limit)?;
+        }
+        let permit = tokio::time::timeout_at(self.deadline(), self.prompt_workers.clone().acquire_owned())
+            .await
+            .map_err(|_| ApiError::timeout("the request waited past the server's time limit"))?
+            .map_err(|_| ApiError::not_ready("the server is shutting down"))?;
+        let tok = engine.tokenizer().clone();
+        let ids = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let large = match &input {
+                PromptInput::Text(t) => t.len(),
+                PromptInput::Chat { messages, .. } => messages.iter().map(|m| m.content.len()).sum(),
+            } > LARGE_PROMPT_BYTES;
+            let ids = match input {
+                PromptInput::Text(text) => {
+                    tok.encode(&text, true).map_err(|e| ApiError::internal(format!("tokenizing: {e}")))
+                }
+                PromptInput::Chat { messages, add_generation_prompt } => {
+                    let text = tok.apply_chat_template(&messages, add_generation_prompt).map_err(|e| {
+                        ApiError::bad_request("invalid_request", format!("the chat template failed: {e}"))
+                    })?;
+                    check_prompt_bytes(text.len(), max_bytes, limit)?;
+                    // The template spells out any BOS it wants.
+                    tok.encode(&text, false).map_err(|e| ApiError::internal(format!("tokenizing: {e}")))
+                }
+            };
+            if large {
+                give_back_free_memory();
+            }
+            ids
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))??;
+        Ok(ids)
     }
 
     async fn start_ids(
@@ -134,7 +243,7 @@ impl AppState {
                 })
                 .unwrap_or_else(|| format!(" However, your messages resulted in {prompt_len} tokens."));
             ApiError {
-                param: Some("messages"),
+                param: Some("messages".into()),
                 ..ApiError::bad_request(
                     "context_length_exceeded",
                     format!(
@@ -205,9 +314,7 @@ impl AppState {
             && history.is_empty()
             && let Some(hit) = app.cached(question)
         {
-            return Ok(AnswerStream::known(hit.text.clone(), hit.sources.clone(), true)
-                .with_audit(audit)
-                .served_by(self.node_id.clone()));
+            return Ok(AnswerStream::cached(&hit).with_audit(audit).served_by(self.node_id.clone()));
         }
         let epoch = app.epoch();
         let t = Instant::now();
@@ -216,17 +323,69 @@ impl AppState {
         super::metrics::retrieval_latency(t.elapsed());
         let plan = app.plan(&found.hits, !found.missing.is_empty(), epoch, question, history)?;
         match plan {
-            RagPlan::Answer { text, sources, cache_hit } => {
-                Ok(AnswerStream::known(text, sources, cache_hit).with_audit(audit).served_by(self.node_id.clone()))
+            RagPlan::Answer { text, sources, cache_key } => {
+                let usage = Usage {
+                    prompt_tokens: self.count_tokens(question).await,
+                    completion_tokens: self.count_tokens(&text).await,
+                };
+                // A direct answer does not depend on sampling settings: cached for all.
+                if let Some((key, epoch)) = cache_key {
+                    let cached =
+                        CachedAnswer { text: text.clone(), sources: sources.clone(), finish_reason: "stop", usage };
+                    app.store(key, cached, epoch);
+                }
+                Ok(AnswerStream::known(text, sources, false, usage).with_audit(audit).served_by(self.node_id.clone()))
             }
             RagPlan::Generate { messages, sources, suffix, cache_key } => {
                 let mut params = overrides.params(app)?;
                 params.stop.extend(super::rag::SOURCE_STOPS.iter().map(|s| s.to_string()));
-                let stream = self.start_chat(&messages, params, audit, affinity).await?;
-                let cache_key = if shared { cache_key } else { None };
-                Ok(stream.with_sources(sources, suffix).with_cache(app.clone(), cache_key))
+                let Some(cache_key) = cache_key.filter(|_| shared) else {
+                    let stream = self.start_chat(&messages, params, audit, affinity).await?;
+                    return Ok(stream.with_sources(sources, suffix));
+                };
+                // The same question with the same settings already generating: follow it.
+                let key = cache_key.0.clone();
+                let shared = match app.inflight.join(&key) {
+                    Role::Follower(mut f) => {
+                        let started = f.started().await?;
+                        let node = started.served_by.clone();
+                        return Ok(AnswerStream::follow(f, started, self.deadline()).with_audit(audit).served_by(node));
+                    }
+                    Role::Leader(shared) => shared,
+                };
+                let mine = shared.follow();
+                let stream = match self.start_chat(&messages, params, None, affinity).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        app.inflight.fail(&key, &shared, e.clone());
+                        return Err(e);
+                    }
+                };
+                let started = Started {
+                    prompt_tokens: stream.prompt_tokens(),
+                    served_by: stream.served_by.clone(),
+                    sources: sources.clone(),
+                };
+                let generation = stream.with_sources(sources, suffix).with_cache(app.clone(), Some(cache_key));
+                let node = started.served_by.clone();
+                app.inflight.lead(key, shared, started.clone(), generation);
+                Ok(AnswerStream::follow(mine, started, self.deadline()).with_audit(audit).served_by(node))
             }
         }
+    }
+
+    /// Tokens in `text` (no special tokens), for the usage of answers the model did not
+    /// write; 0 while the model loads. Long texts are counted off the runtime's workers.
+    pub async fn count_tokens(&self, text: &str) -> usize {
+        let Some(engine) = self.engine.get() else { return 0 };
+        let tok = engine.tokenizer().clone();
+        if text.len() <= 16 << 10 {
+            return tok.encode(text, false).map(|ids| ids.len()).unwrap_or(0);
+        }
+        let text = text.to_string();
+        tokio::task::spawn_blocking(move || tok.encode(&text, false).map(|ids| ids.len()).unwrap_or(0))
+            .await
+            .unwrap_or(0)
     }
 }
 

@@ -4,15 +4,17 @@
 //! - `{"type": "chat", "id": "q1", "query": "退货政策是什么?", "app": "faq", "conversation_id": "…"}`
 //!   asks a RAG app (default: the first app); or `{"type": "chat", "id": "q2", "model":
 //!   "<model id>", "messages": [{"role": "user", "content": "…"}]}` asks the model itself.
-//!   Optional: `max_tokens`, `temperature`, `top_p`, `seed`.
+//!   Optional: OpenAI's sampling fields (`max_tokens`, `temperature`, `top_p`, `seed`,
+//!   `stop`, penalties...), checked as on `/v1/chat/completions`; message roles too.
 //! - `{"type": "cancel", "id": "q1"}`.
 //!
 //! Server → client: `{"type": "delta", "id", "text"}`, then `{"type": "done", "id",
 //! "finish_reason", "usage", "sources", "conversation_id", "cache_hit"}`, or `{"type":
 //! "error", "id", "code", "message"}`. Several requests may be in flight on one socket
 //! (up to `limits.ws_max_inflight`); each is answered under its id. The server pings every
-//! `limits.ws_ping_interval_secs` and closes a socket that missed two pongs; frames over
-//! `limits.ws_max_message_bytes` close it too.
+//! `limits.ws_ping_interval_secs` and closes a socket that missed two pongs. Protocol
+//! errors close the socket with their RFC 6455 code and a reason: 1009 for a message
+//! over `limits.ws_max_message_bytes`, 1007 for invalid UTF-8, 1002 for a forbidden frame.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,7 +26,6 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
-use ragnode_models::tokenizer::ChatMessage;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
@@ -32,7 +33,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::answer::AnswerEvent;
 use super::audit::AuditCell;
 use super::error::ApiError;
-use super::state::{GenParams, RagOverrides, SharedState};
+use super::openai::{SamplingFields, WireMessage, chat_messages};
+use super::state::{RagOverrides, SharedState};
 
 #[derive(Deserialize, Debug)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -53,11 +55,10 @@ struct ChatAsk {
     #[serde(default)]
     model: Option<String>,
     #[serde(default)]
-    messages: Option<Vec<ChatMessage>>,
-    max_tokens: Option<usize>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    seed: Option<u64>,
+    messages: Option<Vec<WireMessage>>,
+    /// OpenAI's sampling fields, checked as on `/v1/chat/completions`.
+    #[serde(flatten)]
+    sampling: SamplingFields,
 }
 
 pub async fn upgrade(
@@ -77,6 +78,27 @@ pub async fn upgrade(
     ws.max_message_size(limits.ws_max_message_bytes)
         .max_frame_size(limits.ws_max_message_bytes)
         .on_upgrade(move |socket| serve_socket(state, socket, audit))
+}
+
+/// The close frame that answers a read error caused by the client: 1009 for a message
+/// or frame over the limit, 1007 for text that is not UTF-8, 1002 for a frame the
+/// protocol forbids (unmasked, reserved bits or opcodes, bad fragmentation). Transport
+/// errors and closes get none.
+fn close_frame_for(e: axum::Error) -> Option<CloseFrame> {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let e = e.into_inner();
+    let (code, reason) = match e.downcast_ref::<WsError>()? {
+        WsError::Capacity(c) => (1009, c.to_string()),
+        WsError::Utf8(_) => (1007, "text frame is not valid UTF-8".to_string()),
+        WsError::Protocol(p) => (1002, p.to_string()),
+        _ => return None,
+    };
+    // A close reason is at most 123 bytes.
+    let mut reason = reason;
+    while reason.len() > 123 {
+        reason.pop();
+    }
+    Some(CloseFrame { code, reason: reason.into() })
 }
 
 fn error_msg(id: Option<&str>, e: &ApiError) -> Value {
@@ -121,9 +143,13 @@ async fn serve_socket(state: SharedState, socket: WebSocket, audit: Option<Arc<A
             incoming = stream.next() => {
                 let msg = match incoming {
                     Some(Ok(m)) => m,
-                    // Closed, reset, or a frame over the size limit.
+                    // Closed, reset, or a frame the protocol does not allow: the client
+                    // is told why (RFC 6455 close codes) instead of seeing a dropped socket.
                     Some(Err(e)) => {
                         tracing::debug!("websocket closed: {e}");
+                        if let Some(frame) = close_frame_for(e) {
+                            let _ = out_tx.try_send(Message::Close(Some(frame)));
+                        }
                         break;
                     }
                     None => break,
@@ -297,9 +323,11 @@ async fn start(
     ask: &ChatAsk,
     audit: Option<Arc<AuditCell>>,
 ) -> Result<(super::answer::AnswerStream, Option<AppTurn>), ApiError> {
-    if ask.max_tokens == Some(0) {
-        return Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1"));
-    }
+    let mut params = ask.sampling.to_params(None)?;
+    let messages = match &ask.messages {
+        Some(m) if !m.is_empty() => Some(chat_messages(m)?),
+        _ => None,
+    };
     if let Some(c) = &audit {
         let model =
             ask.model.clone().or_else(|| Some(format!("app:{}", ask.app.as_deref().unwrap_or(&state.default_app))));
@@ -311,15 +339,9 @@ async fn start(
         if model != &state.model_id {
             return Err(ApiError::not_found("model_not_found", format!("The model `{model}` does not exist.")));
         }
-        let messages = ask.messages.clone().unwrap_or_default();
-        if messages.is_empty() {
+        let Some(messages) = messages else {
             return Err(ApiError::invalid_param("messages", "messages must contain at least one message"));
-        }
-        let mut params = GenParams { max_tokens: ask.max_tokens, ..GenParams::default() };
-        params.sampling.temperature = ask.temperature.unwrap_or(1.0);
-        params.sampling.top_p = ask.top_p.unwrap_or(1.0);
-        params.sampling.seed = ask.seed;
-        params.sampling.validate().map_err(|m| ApiError::bad_request("invalid_value", m))?;
+        };
         return Ok((state.start_chat(&messages, params, audit, None).await?, None));
     }
     let app_name = ask
@@ -331,18 +353,21 @@ async fn start(
     let query = ask
         .query
         .clone()
-        .or_else(|| ask.messages.as_ref().and_then(|m| m.last()).map(|m| m.content.clone()))
+        .or_else(|| messages.as_ref().and_then(|m| m.last()).map(|m| m.content.clone()))
         .unwrap_or_default();
     let (conv_id, history) = match ask.conversation_id.as_deref().filter(|c| !c.is_empty()) {
         Some(c) => (c.to_string(), state.conversations.history(c, &app_name, None)?),
         None => (format!("ws-{:032x}", rand::random::<u128>()), Vec::new()),
     };
+    let f = &ask.sampling;
     let overrides = RagOverrides {
-        temperature: ask.temperature,
-        top_p: ask.top_p,
-        max_tokens: ask.max_tokens,
-        seed: ask.seed,
-        ..RagOverrides::default()
+        temperature: f.temperature,
+        top_p: f.top_p,
+        max_tokens: params.max_tokens,
+        seed: params.sampling.seed,
+        stop: std::mem::take(&mut params.stop),
+        presence_penalty: f.presence_penalty,
+        frequency_penalty: f.frequency_penalty,
     };
     let answer = state.start_rag(&app, &query, &history, overrides, audit, Some(&conv_id)).await?;
     Ok((answer, Some((conv_id, app_name, query))))
