@@ -195,7 +195,8 @@ impl ModelTokenizer {
 
     /// Encodes text. `add_special` adds BOS (and EOS) where the model's vocabulary asks for
     /// it, like llama.cpp's `add_special`. Special tokens written in the text (e.g.
-    /// `<|im_start|>` in a rendered chat prompt) become single tokens.
+    /// `<|im_start|>` in a rendered chat prompt) become single tokens. Chat prompts come
+    /// from [`encode_chat`](Self::encode_chat), where the template alone places BOS.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, TokenizerError> {
         self.encode_with(text, add_special, true)
     }
