@@ -7,7 +7,8 @@
 # Extra arguments go to `ragnode serve` (e.g. --listen 0.0.0.0:8080 --api-key KEY).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/fetch-test-data.sh >/dev/null
+# The demo model alone (not the test vectors and tokenizers), with progress shown.
+scripts/fetch-test-data.sh --model-only
 MODEL="${RAGNODE_CACHE:-$HOME/.cache/ragnode}/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 exec cargo run --release -p ragnode -- serve --model "$MODEL" \
   --faq-index data/index --faq-seed data/faq-demo.jsonl "$@"

@@ -21,8 +21,7 @@ fn start(m: &LoadedModel, cfg: EngineConfig) -> EngineHandle {
 }
 
 fn chat(tok: &ModelTokenizer, user: &str) -> Vec<u32> {
-    let text = tok.apply_chat_template(&[ChatMessage { role: "user".into(), content: user.into() }], true).unwrap();
-    tok.encode(&text, false).unwrap()
+    tok.encode_chat(&[ChatMessage { role: "user".into(), content: user.into() }], true).unwrap()
 }
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {

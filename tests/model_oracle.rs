@@ -30,14 +30,13 @@ const QUANT_MEAN_TOL: f32 = 1.0;
 fn smollm2_greedy_matches_candle_quantized_llama() {
     let path = smollm2_gguf();
     let loaded = load_model(path.to_str().unwrap(), &LoadOptions::default()).expect("load");
-    let text = loaded
+    let prompt = loaded
         .tokenizer
-        .apply_chat_template(
+        .encode_chat(
             &[ChatMessage { role: "user".into(), content: "What is the capital of France? Tell me about it.".into() }],
             true,
         )
         .unwrap();
-    let prompt = loaded.tokenizer.encode(&text, false).unwrap();
     assert!(prompt.len() > 10);
 
     // The oracle, greedy, 64 tokens.
@@ -384,12 +383,9 @@ fn hf_checkpoint_directory_loads_and_generates() {
         let loaded = load_model(dir.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
         assert_eq!(loaded.model.vocab_size(), 49152);
         assert_eq!(loaded.model.architecture(), if bias { "qwen2" } else { "llama" });
-        let text = loaded
-            .tokenizer
-            .apply_chat_template(&[ChatMessage { role: "user".into(), content: "hello".into() }], true)
-            .unwrap();
-        let prompt = loaded.tokenizer.encode(&text, false).unwrap();
-        assert_eq!(prompt, smol.tokenizer.encode(&text, false).unwrap());
+        let messages = [ChatMessage { role: "user".into(), content: "hello".into() }];
+        let prompt = loaded.tokenizer.encode_chat(&messages, true).unwrap();
+        assert_eq!(prompt, smol.tokenizer.encode_chat(&messages, true).unwrap());
         let engine =
             ragnode_inference::Engine::start(loaded.model.clone(), loaded.tokenizer.clone(), Default::default())
                 .unwrap();

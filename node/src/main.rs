@@ -122,6 +122,11 @@ struct GenerateArgs {
     /// Keep generating past end-of-turn tokens.
     #[arg(long)]
     ignore_eos: bool,
+    /// Print the prompt's token ids (`prompt ids: [..]`, one line on stderr) before
+    /// generating, like llama.cpp's --verbose-prompt: shows exactly what the model sees
+    /// (BOS, the chat template's control tokens).
+    #[arg(long)]
+    verbose_prompt: bool,
 }
 
 fn main() {
@@ -180,12 +185,15 @@ fn generate(args: GenerateArgs) -> Result<()> {
             messages.push(ChatMessage { role: "system".into(), content: system.clone() });
         }
         messages.push(ChatMessage { role: "user".into(), content: args.prompt.clone() });
-        let text = tok.apply_chat_template(&messages, true).context("rendering the chat template")?;
-        // The template already spells out any BOS it wants.
-        tok.encode(&text, false)?
+        // As transformers' apply_chat_template(tokenize=True): the template places BOS.
+        tok.encode_chat(&messages, true).context("applying the chat template")?
     } else {
         tok.encode(&args.prompt, true)?
     };
+    if args.verbose_prompt {
+        // On stderr so stdout stays the completion alone.
+        eprintln!("prompt ids: {prompt_ids:?}");
+    }
     tracing::info!(load_ms = started.elapsed().as_millis() as u64, prompt_tokens = prompt_ids.len(), "model loaded");
 
     let engine = Engine::start(loaded.model.clone(), tok.clone(), EngineConfig::default())?;

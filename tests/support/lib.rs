@@ -1,8 +1,9 @@
 //! Shared helpers for the whole-system tests in `tests/`.
 //!
-//! Real test data (the SmolLM2 GGUF, llama.cpp's tokenizer vectors) lives in a cache
-//! outside the checkout, filled by `scripts/fetch-test-data.sh` (which `scripts/test.sh`
-//! and `.ci/run` call). Tests fail loudly, never skip, when it is missing.
+//! Real test data (the SmolLM2 GGUF, llama.cpp's tokenizer vectors, real Hugging Face
+//! tokenizers with their chat templates) lives in a cache outside the checkout, filled by
+//! `scripts/fetch-test-data.sh` (which `scripts/test.sh` and `.ci/run` call). Tests fail
+//! loudly, never skip, when it is missing.
 
 use std::path::PathBuf;
 
@@ -28,6 +29,15 @@ pub fn smollm2_gguf() -> PathBuf {
 /// Folder holding llama.cpp's `ggml-vocab-NAME.gguf` files with `.inp`/`.out` cases.
 pub fn llama_vocab_dir() -> PathBuf {
     require(cache_dir().join("llama-vocab"))
+}
+
+/// A real Hugging Face tokenizer with its chat template: `tokenizer.json` and
+/// `tokenizer_config.json` of `name` = `deepseek_v3`, `llama3` or `qwen3`.
+pub fn hf_tokenizer_dir(name: &str) -> PathBuf {
+    let dir = cache_dir().join("hf-tokenizers").join(name);
+    require(dir.join("tokenizer.json"));
+    require(dir.join("tokenizer_config.json"));
+    dir
 }
 
 /// The `ragnode` binary of the same build profile as the running test (built by

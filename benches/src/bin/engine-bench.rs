@@ -201,11 +201,10 @@ fn main() -> Result<()> {
         long_ids.extend(tok.encode(para, false)?);
     }
     long_ids.truncate(args.prompt_len);
-    let chat = tok.apply_chat_template(
+    let short_ids = tok.encode_chat(
         &[ChatMessage { role: "user".into(), content: "Tell me about the history of the city of Paris.".into() }],
         true,
     )?;
-    let short_ids = tok.encode(&chat, false)?;
     // Per-stream prompts: the real model's chat prompt for all; random weights get random
     // 32-token prompts, one per stream (the placeholder vocabulary would make every prompt
     // the same unknown token, and identical MoE streams would share their experts).

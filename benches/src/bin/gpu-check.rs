@@ -230,7 +230,7 @@ fn greedy_tokens(model: &str, device: &Device, n: usize) -> Result<Vec<u32>> {
         role: "user".into(),
         content: "What is the return policy for unused items?".into(),
     }];
-    let prompt = tok.encode(&tok.apply_chat_template(&msgs, true)?, false)?;
+    let prompt = tok.encode_chat(&msgs, true)?;
     let engine =
         Engine::start(loaded.model, tok, EngineConfig { kv_cache_bytes: 256 << 20, ..EngineConfig::default() })?;
     let mut req = GenerationRequest::new(prompt, n);

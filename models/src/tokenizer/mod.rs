@@ -195,7 +195,8 @@ impl ModelTokenizer {
 
     /// Encodes text. `add_special` adds BOS (and EOS) where the model's vocabulary asks for
     /// it, like llama.cpp's `add_special`. Special tokens written in the text (e.g.
-    /// `<|im_start|>` in a rendered chat prompt) become single tokens.
+    /// `<|im_start|>` in a rendered chat prompt) become single tokens. Chat prompts come
+    /// from [`encode_chat`](Self::encode_chat), where the template alone places BOS.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, TokenizerError> {
         self.encode_with(text, add_special, true)
     }
@@ -300,23 +301,35 @@ impl ModelTokenizer {
         self
     }
 
-    /// Renders the conversation with the model's chat template, ready for
-    /// `encode(prompt, true)`: when the vocabulary adds BOS itself, a BOS the template wrote
-    /// at the start is left out so the prompt does not begin with two (llama.cpp does the
-    /// same). [`ChatTemplate::render`] gives the template's exact output.
+    /// Renders the conversation with the model's chat template: the template's exact output
+    /// ([`ChatTemplate::render`]), BOS included when the template writes one. This is the
+    /// text [`encode_chat`](Self::encode_chat) tokenizes, and what `transformers`'
+    /// `apply_chat_template(.., tokenize=False)` returns. To get prompt ids use
+    /// `encode_chat`, not `encode(text, true)`: that would add a second BOS.
     pub fn apply_chat_template(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
-        let mut prompt = self.chat_template.render(messages, add_generation_prompt)?;
-        if self.adds_bos()
-            && let Some(bos) = self.bos.and_then(|id| self.inner.id_to_token(id))
-            && prompt.starts_with(&bos)
-        {
-            prompt.drain(..bos.len());
-        }
-        Ok(prompt)
+        self.chat_template.render(messages, add_generation_prompt)
+    }
+
+    /// The prompt ids of a conversation: the ids of `transformers`'
+    /// `tokenizer.apply_chat_template(messages, add_generation_prompt=.., tokenize=True)`.
+    /// Like it, this renders the template with the model's `bos_token`/`eos_token` and
+    /// encodes the text with special tokens parsed (the `<|im_start|>`s the template wrote
+    /// become control tokens) and nothing added (`add_special_tokens=False`): the template
+    /// alone decides where BOS goes. So a template that writes `{{ bos_token }}` gets exactly
+    /// one BOS whether or not the vocabulary adds BOS to plain text (DeepSeek-V3, Llama-3),
+    /// and one that does not (ChatML: SmolLM2, Qwen) gets none. Every chat prompt should
+    /// come from here, so that prompts match what the model was trained and evaluated on.
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let text = self.apply_chat_template(messages, add_generation_prompt)?;
+        self.encode(&text, false)
     }
 }
 

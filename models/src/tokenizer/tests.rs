@@ -99,20 +99,38 @@ fn gguf_chat_template_is_used() {
     assert!(matches!(bad, TokenizerError::TemplateSyntax { line: Some(2), .. }), "{bad}");
 }
 
+/// The chat prompt's BOS is the template's, as in `transformers`' `apply_chat_template`
+/// (render, then encode with nothing added), whatever the vocabulary's `add_bos_token`.
+/// The old render-then-strip-BOS path lost it: the text dropped the BOS and every caller
+/// encoded without special tokens (issue 16, item 7).
 #[test]
-fn rendered_bos_is_not_doubled() {
+fn chat_prompt_bos_comes_from_the_template() {
+    let with_bos_template = |add_bos: bool| {
+        ModelTokenizer::from_gguf(&byte_bpe(vec![
+            ("tokenizer.ggml.add_bos_token", Value::Bool(add_bos)),
+            ("tokenizer.chat_template", s("{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}")),
+        ]))
+        .unwrap()
+    };
+    let msgs = [ChatMessage::user("hi")];
+    for add_bos in [true, false] {
+        let t = with_bos_template(add_bos);
+        assert_eq!(t.adds_bos(), add_bos);
+        // The text is the template's exact output, BOS included...
+        assert_eq!(t.apply_chat_template(&msgs, true).unwrap(), "<|im_start|>hi");
+        assert_eq!(t.apply_chat_template(&msgs, true).unwrap(), t.chat_template().render(&msgs, true).unwrap());
+        // ...and the ids hold it exactly once.
+        assert_eq!(t.encode_chat(&msgs, true).unwrap(), [1, 6], "add_bos_token = {add_bos}");
+    }
+    // A template that writes no BOS gets none, even where plain text gets one; control
+    // tokens it writes are parsed as such.
     let t = ModelTokenizer::from_gguf(&byte_bpe(vec![
         ("tokenizer.ggml.add_bos_token", Value::Bool(true)),
-        ("tokenizer.chat_template", s("{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}")),
+        ("tokenizer.chat_template", s("{% for m in messages %}{{ m.content }}<|im_end|>{% endfor %}")),
     ]))
     .unwrap();
-    let msgs = [ChatMessage::user("hi")];
-    // The template itself writes BOS...
-    assert_eq!(t.chat_template().render(&msgs, true).unwrap(), "<|im_start|>hi");
-    // ...but encode(.., true) adds it too, so the prompt leaves it out.
-    let prompt = t.apply_chat_template(&msgs, true).unwrap();
-    assert_eq!(prompt, "hi");
-    assert_eq!(t.encode(&prompt, true).unwrap(), [1, 6]);
+    assert_eq!(t.encode("hi", true).unwrap(), [1, 6]);
+    assert_eq!(t.encode_chat(&msgs, true).unwrap(), [6, 2]);
 }
 
 #[test]
@@ -273,10 +291,11 @@ fn hf_files_with_configs() {
     assert_eq!(t.encode("hi hi", true).unwrap(), [1, 6, 8]);
     assert_eq!(t.stop_token_ids(), [0, 2]);
     // The "default" entry of the template list, with the configured bos/eos texts; the
-    // prompt for encode(.., true) leaves out the BOS the template writes.
-    let msgs = [ChatMessage::user("x")];
-    assert_eq!(t.chat_template().render(&msgs, true).unwrap(), "<|im_start|>x<|im_end|>");
-    assert_eq!(t.apply_chat_template(&msgs, true).unwrap(), "x<|im_end|>");
+    // prompt ids keep the BOS the template writes, once (the vocabulary adds BOS too).
+    let msgs = [ChatMessage::user("hi")];
+    assert_eq!(t.chat_template().render(&msgs, true).unwrap(), "<|im_start|>hi<|im_end|>");
+    assert_eq!(t.apply_chat_template(&msgs, true).unwrap(), "<|im_start|>hi<|im_end|>");
+    assert_eq!(t.encode_chat(&msgs, true).unwrap(), [1, 6, 2]);
 
     // Without side files: the post-processor decides BOS, ChatML is the fallback template.
     let t = ModelTokenizer::from_hf_files(&tokenizer_json, None, None).unwrap();
