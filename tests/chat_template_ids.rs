@@ -1,6 +1,6 @@
 //! Chat prompts of real models equal Hugging Face `transformers`' ids: for the real
 //! tokenizers and chat templates of DeepSeek-V3, Llama-3 and Qwen3,
-//! `ModelTokenizer::encode_chat` (and `ragnode generate --chat`) must give exactly what
+//! `ModelTokenizer::encode_chat` (and `ragnode generate --chat`, and the server) must give exactly what
 //! `tokenizer.apply_chat_template(messages, add_generation_prompt=.., tokenize=True)` gave
 //! when `scripts/record-chat-template-ids.py` recorded `fixtures/chat_template_ids.json`.
 //!
@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 
 use ragnode_models::tokenizer::{ChatMessage, ModelTokenizer};
-use ragnode_tests::{hf_tokenizer_dir, ragnode_bin};
+use ragnode_tests::{ServeProcess, hf_tokenizer_dir, http, ragnode_bin};
 use serde_json::Value;
 
 const NAMES: [&str; 3] = ["deepseek_v3", "llama3", "qwen3"];
@@ -156,6 +156,57 @@ fn tiny_config(name: &str, vocab_size: u64) -> Value {
         _ => {}
     }
     cfg
+}
+
+/// A temp dir holding the real tokenizer files of `name` and a tiny config.json.
+fn checkpoint_dir(name: &str, vocab_size: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let src = hf_tokenizer_dir(name);
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(file), dir.path().join(file)).unwrap();
+    }
+    std::fs::write(dir.path().join("config.json"), tiny_config(name, vocab_size).to_string()).unwrap();
+    dir
+}
+
+/// The server prompts the model with transformers' ids: `POST /tokenize` (the same path
+/// as a chat request) gives them for every recorded conversation, and a chat completion
+/// reports that many prompt tokens.
+#[test]
+fn served_chat_prompt_ids_match_transformers() {
+    let fixture = fixture();
+    let faq = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/faq-demo.jsonl");
+    for name in NAMES {
+        let entry = recorded(&fixture, name);
+        let dir = checkpoint_dir(name, entry["vocab_size"].as_u64().unwrap());
+        let model = [
+            "--dummy-weights".into(),
+            dir.path().join("config.json").into_os_string(),
+            "--dummy-format".into(),
+            "f32".into(),
+        ];
+        let node = ServeProcess::start_model(dir.path(), &faq, &model, &["--served-model-name", "tiny"]);
+        for case in entry["conversations"].as_array().unwrap() {
+            let label = format!("{name} / {}", case["name"].as_str().unwrap_or("?"));
+            let add_generation_prompt = case["add_generation_prompt"].as_bool().unwrap();
+            let body = serde_json::json!({
+                "model": "tiny", "messages": case["messages"], "add_generation_prompt": add_generation_prompt,
+            });
+            let r = http(&node.addr, "POST", "/tokenize", Some(&body.to_string()), None);
+            assert_eq!(r.status, 200, "{label}: {}", r.body);
+            let got: Value = serde_json::from_str(&r.body).unwrap();
+            let want = ids(&case["ids"]);
+            assert_eq!(ids(&got["tokens"]), want, "{label}: served prompt ids vs transformers");
+            assert_eq!(got["count"].as_u64(), Some(want.len() as u64), "{label}");
+            if add_generation_prompt {
+                let chat = serde_json::json!({ "model": "tiny", "messages": case["messages"], "max_tokens": 1 });
+                let r = http(&node.addr, "POST", "/v1/chat/completions", Some(&chat.to_string()), None);
+                assert_eq!(r.status, 200, "{label}: {}", r.body);
+                let usage: Value = serde_json::from_str(&r.body).unwrap();
+                assert_eq!(usage["usage"]["prompt_tokens"].as_u64(), Some(want.len() as u64), "{label}");
+            }
+        }
+    }
 }
 
 /// `generate --chat --system S --prompt P --verbose-prompt` on a random-weight checkpoint

@@ -130,8 +130,12 @@ fn rebuild_delete_and_stats() {
         Command::new(ragnode_bin()).args(["faq"]).args(args).arg("--index").arg(&index).output().unwrap()
     };
     let (a, b) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
-    std::fs::write(&a, "{\"id\": \"a1\", \"question\": \"q1\"}\n{\"id\": \"a2\", \"question\": \"q2\"}\n").unwrap();
-    std::fs::write(&b, "{\"id\": \"b1\", \"question\": \"q3\"}\n").unwrap();
+    std::fs::write(
+        &a,
+        "{\"id\": \"a1\", \"question\": \"q1\", \"answer\": \"x\"}\n{\"id\": \"a2\", \"question\": \"q2\", \"answer\": \"y\"}\n",
+    )
+    .unwrap();
+    std::fs::write(&b, "{\"id\": \"b1\", \"question\": \"q3\", \"answer\": \"z\"}\n").unwrap();
     assert!(run(&["ingest", a.to_str().unwrap()]).status.success());
     assert!(run(&["ingest", b.to_str().unwrap(), "--rebuild"]).status.success());
     let stats: serde_json::Value = serde_json::from_slice(&run(&["stats"]).stdout).unwrap();

@@ -45,6 +45,12 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// A .gguf file, an HF checkpoint directory or a hub repo id.
     pub model: Option<String>,
+    /// Instead of `model`: an HF `config.json` whose architecture is built with random
+    /// weights (load tests of a deployment's shape without its download; answers are
+    /// noise). The config's directory's tokenizer files are used when present.
+    pub dummy_weights: Option<PathBuf>,
+    /// Storage format of the random weights (`q8_0`, `q4_0`, `bf16`, `f32`...).
+    pub dummy_format: String,
     /// The model id clients use (`/v1/models`); default: the file stem or repo id.
     pub served_model_name: Option<String>,
     /// A Jinja chat template file replacing the model's own (GGUF metadata or
@@ -134,6 +140,8 @@ impl Default for ServeConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             model: None,
+            dummy_weights: None,
+            dummy_format: "q8_0".into(),
             served_model_name: None,
             chat_template: None,
             faq_index: PathBuf::from("data/index"),
@@ -336,6 +344,13 @@ pub struct ServeArgs {
     /// A .gguf file, an HF checkpoint directory, or a Hugging Face repo id.
     #[arg(long, env = "RAGNODE_MODEL")]
     pub model: Option<String>,
+    /// Random weights of the architecture in this config.json instead of --model (load
+    /// tests; the answers are noise).
+    #[arg(long, env = "RAGNODE_DUMMY_WEIGHTS", value_name = "CONFIG.json", conflicts_with = "model")]
+    pub dummy_weights: Option<PathBuf>,
+    /// Format of the random weights: f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k [default: q8_0].
+    #[arg(long, env = "RAGNODE_DUMMY_FORMAT")]
+    pub dummy_format: Option<String>,
     /// Model id served to clients [default: the model file stem].
     #[arg(long, env = "RAGNODE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
@@ -450,6 +465,10 @@ impl ServeConfig {
         if a.model.is_some() {
             self.model = a.model.clone();
         }
+        if a.dummy_weights.is_some() {
+            self.dummy_weights = a.dummy_weights.clone();
+        }
+        set(&mut self.dummy_format, &a.dummy_format);
         if a.served_model_name.is_some() {
             self.served_model_name = a.served_model_name.clone();
         }
@@ -505,8 +524,17 @@ impl ServeConfig {
 
     /// Rejects values that cannot work, naming the key.
     pub fn validate(&self) -> Result<()> {
-        if self.model.is_none() {
-            bail!("no model: pass --model PATH (or set RAGNODE_MODEL, or `model` in the config file)");
+        match (&self.model, &self.dummy_weights) {
+            (None, None) => {
+                bail!("no model: pass --model PATH (or set RAGNODE_MODEL, or `model` in the config file)")
+            }
+            (Some(_), Some(_)) => bail!("`model` and `dummy_weights` exclude each other: configure one"),
+            _ => {}
+        }
+        if self.dummy_weights.is_some() {
+            self.dummy_format
+                .parse::<ragnode_models::weights::RandomFormat>()
+                .map_err(|e| anyhow::anyhow!("dummy_format: {e}"))?;
         }
         let e = &self.engine;
         if e.max_num_seqs == 0 || e.max_batch_tokens == 0 || e.kv_cache_mib == 0 {

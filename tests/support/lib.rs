@@ -164,11 +164,22 @@ impl ServeProcess {
 
     /// As [`start_in`](Self::start_in), seeded from the FAQ file `faq` (JSONL).
     pub fn start_seeded(dir: &std::path::Path, faq: &std::path::Path, extra: &[&str]) -> ServeProcess {
+        let model = [std::ffi::OsString::from("--model"), smollm2_gguf().into_os_string()];
+        Self::start_model(dir, faq, &model, extra)
+    }
+
+    /// As [`start_seeded`](Self::start_seeded), with the model given by `model` (e.g.
+    /// `--dummy-weights CONFIG.json`).
+    pub fn start_model(
+        dir: &std::path::Path,
+        faq: &std::path::Path,
+        model: &[std::ffi::OsString],
+        extra: &[&str],
+    ) -> ServeProcess {
         use std::io::BufRead;
         let mut child = std::process::Command::new(ragnode_bin())
             .args(["serve", "--listen", "127.0.0.1:0", "--threads", "2", "--audit-log", "off"])
-            .arg("--model")
-            .arg(smollm2_gguf())
+            .args(model)
             .arg("--faq-index")
             .arg(dir.join("index"))
             .arg("--faq-seed")

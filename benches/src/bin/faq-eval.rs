@@ -72,7 +72,12 @@ fn main() -> Result<()> {
     let mut thresholds = Vec::new();
     let mut sharded_rows = Vec::new();
     for dir in &cli.dirs {
-        let faq: Vec<FaqEntry> = read_jsonl(&dir.join("faq.jsonl"))?;
+        let mut faq: Vec<FaqEntry> = read_jsonl(&dir.join("faq.jsonl"))?;
+        // BQ's entries are questions only, and an entry needs an answer: a placeholder that
+        // indexes no term (punctuation is dropped), so the scores are the dataset's own.
+        for e in faq.iter_mut().filter(|e| e.answer.trim().is_empty()) {
+            e.answer = "-".into();
+        }
         let queries: Vec<Query> = read_jsonl(&dir.join("queries.jsonl"))?;
         let tmp = std::env::temp_dir().join(format!("ragnode-faq-eval-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);

@@ -328,8 +328,15 @@ impl ModelTokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>, TokenizerError> {
-        let text = self.apply_chat_template(messages, add_generation_prompt)?;
-        self.encode(&text, false)
+        self.encode_rendered_chat(&self.apply_chat_template(messages, add_generation_prompt)?)
+    }
+
+    /// The ids of a chat prompt already rendered by [`apply_chat_template`](Self::apply_chat_template)
+    /// — for callers that look at the text between the two steps (the server refuses a
+    /// prompt too long for the context before tokenizing it). Same rule as
+    /// [`encode_chat`](Self::encode_chat).
+    pub fn encode_rendered_chat(&self, rendered: &str) -> Result<Vec<u32>, TokenizerError> {
+        self.encode(rendered, false)
     }
 }
 

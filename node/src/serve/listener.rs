@@ -102,7 +102,8 @@ impl Refused {
 /// Open connections, in total and per source address.
 #[derive(Default)]
 struct ConnTable {
-    /// Guarded with `per_ip` so the two caps are checked together.
+    /// (open connections, open connections per address): one lock, so the two caps are
+    /// checked together.
     inner: Mutex<(usize, HashMap<IpAddr, usize>)>,
 }
 
@@ -122,9 +123,6 @@ impl ConnTable {
         }
         let mine = per_ip.entry(ip).or_insert(0);
         if limits.max_connections_per_ip > 0 && *mine >= limits.max_connections_per_ip {
-            if *mine == 0 {
-                per_ip.remove(&ip);
-            }
             return Err(Refused::PerIp);
         }
         *mine += 1;
@@ -463,21 +461,22 @@ impl Connection {
 /// File descriptors the process may open: raises the soft limit towards the hard one
 /// when `needed` (connections plus the node's own files) is more than it allows, and
 /// warns when it still falls short. Returns the soft limit in force.
-#[cfg(unix)]
+#[cfg(target_os = "linux")]
 pub fn ensure_fd_limit(needed: u64) -> Option<u64> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes one `rlimit` through a valid, exclusive pointer.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return None;
     }
-    let (soft, hard) = (lim.rlim_cur as u64, lim.rlim_max as u64);
+    // rlim_t is u64 on Linux.
+    let (soft, hard) = (lim.rlim_cur, lim.rlim_max);
     let mut now = soft;
     if soft < needed && hard > soft {
-        let raised = libc::rlimit { rlim_cur: needed.min(hard) as libc::rlim_t, rlim_max: lim.rlim_max };
+        let raised = libc::rlimit { rlim_cur: needed.min(hard), rlim_max: lim.rlim_max };
         // SAFETY: setrlimit reads one `rlimit` through a valid pointer; raising the soft
         // limit up to the hard one needs no privilege.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            now = raised.rlim_cur as u64;
+            now = raised.rlim_cur;
             tracing::info!(from = soft, to = now, "raised the open-file limit");
         }
     }
@@ -492,7 +491,7 @@ pub fn ensure_fd_limit(needed: u64) -> Option<u64> {
     Some(now)
 }
 
-#[cfg(not(unix))]
+#[cfg(not(target_os = "linux"))]
 pub fn ensure_fd_limit(_needed: u64) -> Option<u64> {
     None
 }

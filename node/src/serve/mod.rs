@@ -85,7 +85,11 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
     for app in &cfg.apps {
         apps.insert(app.name.clone(), Arc::new(RagApp::new(app.clone()).map_err(anyhow::Error::msg)?));
     }
-    let model_spec = cfg.model.clone().context("no model configured")?;
+    let model_spec = match (&cfg.model, &cfg.dummy_weights) {
+        (Some(m), _) => m.clone(),
+        (None, Some(config)) => config.display().to_string(),
+        (None, None) => anyhow::bail!("no model configured"),
+    };
     // Before binding anything: a device this build or machine cannot open is a start error.
     let device = cfg.device.open().context("opening the compute device")?;
     let model_id = cfg.served_model_name.clone().unwrap_or_else(|| default_model_id(&model_spec));
@@ -286,7 +290,11 @@ fn load_engine(state: &AppState, model_spec: &str, device: Device) -> Result<()>
     let cfg = &state.cfg;
     let t = Instant::now();
     let free_before = ragnode_kernels::device_memory(&device).ok().flatten().map(|(free, _)| free);
-    let opts = LoadOptions { device: device.clone(), ..LoadOptions::default() };
+    let mut opts = LoadOptions { device: device.clone(), ..LoadOptions::default() };
+    if cfg.dummy_weights.is_some() {
+        let format = cfg.dummy_format.parse().map_err(|e: String| anyhow::anyhow!("dummy_format: {e}"))?;
+        opts.dummy = Some(ragnode_models::DummyWeights { format, seed: 0 });
+    }
     let loaded =
         load_model(model_spec, &opts).with_context(|| format!("loading model `{model_spec}` on {}", cfg.device))?;
     if let (Some(before), Some((after, total))) = (free_before, ragnode_kernels::device_memory(&device).ok().flatten())

@@ -209,8 +209,7 @@ impl AppState {
                         ApiError::bad_request("invalid_request", format!("the chat template failed: {e}"))
                     })?;
                     check_prompt_bytes(text.len(), max_bytes, limit)?;
-                    // The template spells out any BOS it wants.
-                    tok.encode(&text, false).map_err(|e| ApiError::internal(format!("tokenizing: {e}")))
+                    tok.encode_rendered_chat(&text).map_err(|e| ApiError::internal(format!("tokenizing: {e}")))
                 }
             };
             if large {
@@ -379,7 +378,7 @@ impl AppState {
     pub async fn count_tokens(&self, text: &str) -> usize {
         let Some(engine) = self.engine.get() else { return 0 };
         let tok = engine.tokenizer().clone();
-        if text.len() <= 16 << 10 {
+        if text.len() <= 4 << 10 {
             return tok.encode(text, false).map(|ids| ids.len()).unwrap_or(0);
         }
         let text = text.to_string();

@@ -39,7 +39,7 @@ use super::state::{RagOverrides, SharedState};
 #[derive(Deserialize, Debug)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum ClientMessage {
-    Chat(ChatAsk),
+    Chat(Box<ChatAsk>),
     Cancel { id: String },
 }
 
@@ -168,7 +168,7 @@ async fn serve_socket(state: SharedState, socket: WebSocket, audit: Option<Arc<A
                                 let (cancel_tx, cancel_rx) = oneshot::channel();
                                 next_token += 1;
                                 inflight.insert(id, InFlight { token: next_token, cancel: cancel_tx });
-                                tokio::spawn(run_chat(state.clone(), ask, next_token, out_tx.clone(), cancel_rx, finished_tx.clone(), audit.clone()));
+                                tokio::spawn(run_chat(state.clone(), *ask, next_token, out_tx.clone(), cancel_rx, finished_tx.clone(), audit.clone()));
                                 None
                             }
                         }
