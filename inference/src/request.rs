@@ -99,6 +99,11 @@ pub struct TokenStream {
 }
 
 impl TokenStream {
+    /// A stream whose events the caller sends (tests of consumers, adapters).
+    pub fn from_channel(id: RequestId, rx: tokio::sync::mpsc::UnboundedReceiver<StreamEvent>) -> Self {
+        Self { id, rx }
+    }
+
     pub fn id(&self) -> RequestId {
         self.id
     }

@@ -204,8 +204,12 @@ pub struct Limits {
     /// A request head must arrive complete within this of its first byte, and a new
     /// connection must send its first request within it; else the connection is closed.
     pub header_read_timeout_secs: u64,
-    /// A connection idle between requests is closed after this.
+    /// A connection idle between requests is closed after this (keep it above a load
+    /// balancer's idle timeout, so the balancer closes first: AWS ALB's is 60 s).
     pub keep_alive_timeout_secs: u64,
+    /// A client whose socket takes no more of its answer for this long is cut (also
+    /// mid-stream).
+    pub send_timeout_secs: u64,
     /// Open connections at most (WebSockets included); more are answered 503 and closed.
     /// The open-file limit must allow this many plus the node's own files (checked, and
     /// raised up to the hard limit, at start).
@@ -232,7 +236,8 @@ impl Default for Limits {
             request_timeout_secs: 300,
             body_read_timeout_secs: 30,
             header_read_timeout_secs: 10,
-            keep_alive_timeout_secs: 60,
+            keep_alive_timeout_secs: 75,
+            send_timeout_secs: 60,
             max_connections: 4096,
             max_connections_per_ip: 512,
             ws_max_message_bytes: 256 << 10,
@@ -408,9 +413,12 @@ pub struct ServeArgs {
     /// Seconds a request head may take to arrive (and a new connection to send one) [default: 10].
     #[arg(long, env = "RAGNODE_HEADER_READ_TIMEOUT_SECS")]
     pub header_read_timeout_secs: Option<u64>,
-    /// Seconds an idle keep-alive connection is kept open [default: 60].
+    /// Seconds an idle keep-alive connection is kept open [default: 75].
     #[arg(long, env = "RAGNODE_KEEP_ALIVE_TIMEOUT_SECS")]
     pub keep_alive_timeout_secs: Option<u64>,
+    /// Seconds a client may take none of its answer before it is cut [default: 60].
+    #[arg(long, env = "RAGNODE_SEND_TIMEOUT_SECS")]
+    pub send_timeout_secs: Option<u64>,
     /// Open connections at most [default: 4096].
     #[arg(long, env = "RAGNODE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -498,6 +506,7 @@ impl ServeConfig {
         set(&mut self.limits.body_read_timeout_secs, &a.body_read_timeout_secs);
         set(&mut self.limits.header_read_timeout_secs, &a.header_read_timeout_secs);
         set(&mut self.limits.keep_alive_timeout_secs, &a.keep_alive_timeout_secs);
+        set(&mut self.limits.send_timeout_secs, &a.send_timeout_secs);
         set(&mut self.limits.max_connections, &a.max_connections);
         set(&mut self.limits.max_connections_per_ip, &a.max_connections_per_ip);
         for (i, spec) in a.api_keys.iter().enumerate() {
@@ -553,10 +562,11 @@ impl ServeConfig {
         if l.body_read_timeout_secs == 0
             || l.header_read_timeout_secs == 0
             || l.keep_alive_timeout_secs == 0
+            || l.send_timeout_secs == 0
             || l.max_connections == 0
         {
             bail!(
-                "limits.body_read_timeout_secs, header_read_timeout_secs, keep_alive_timeout_secs and max_connections must be > 0"
+                "limits.body_read_timeout_secs, header_read_timeout_secs, keep_alive_timeout_secs, send_timeout_secs and max_connections must be > 0"
             );
         }
         let mut names = std::collections::HashSet::new();

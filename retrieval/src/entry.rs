@@ -76,11 +76,9 @@ fn unprintable(c: char) -> Option<&'static str> {
 
 impl FaqEntry {
     /// Checks the entry can be indexed and served as given: the one check every way in
-    /// (admin API, `faq ingest`, the cluster's FAQ log, seeds) applies.
+    /// (admin API, `faq ingest`, seeds, appends to the cluster's FAQ log) applies.
     pub fn validate(&self) -> Result<(), EntryError> {
-        if self.id.trim().is_empty() {
-            return Err(EntryError::MissingId);
-        }
+        self.validate_indexable()?;
         let bad_id = |what, c: char| EntryError::BadIdCharacter { id: self.id.clone(), what, code: c as u32 };
         if let Some(c) = self.id.chars().find(|&c| unprintable(c).is_some()) {
             return Err(bad_id(unprintable(c).unwrap_or_default(), c));
@@ -91,11 +89,22 @@ impl FaqEntry {
         if let Some(c) = self.id.chars().next_back().filter(|c| c.is_whitespace()) {
             return Err(bad_id("trailing white space", c));
         }
-        if self.question.trim().is_empty() {
-            return Err(EntryError::MissingQuestion);
-        }
         if self.answer.trim().is_empty() {
             return Err(EntryError::MissingAnswer);
+        }
+        Ok(())
+    }
+
+    /// The floor below which an entry cannot be indexed at all: an id, a question, sizes.
+    /// Replaying the cluster's FAQ log checks only this, so every replica indexes what was
+    /// acknowledged — also entries logged before [`validate`](Self::validate) was stricter
+    /// (answer required, printable ids); retrieval skips answerless hits instead.
+    pub fn validate_indexable(&self) -> Result<(), EntryError> {
+        if self.id.trim().is_empty() {
+            return Err(EntryError::MissingId);
+        }
+        if self.question.trim().is_empty() {
+            return Err(EntryError::MissingQuestion);
         }
         let check = |field, s: &str| {
             if s.len() > MAX_FIELD_BYTES { Err(EntryError::TooLarge { field, bytes: s.len() }) } else { Ok(()) }

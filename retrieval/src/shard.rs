@@ -286,9 +286,22 @@ impl FaqShard {
         Ok(f(writer)?)
     }
 
-    /// Stages an upsert (replaces any entry with the same id at the next commit).
+    /// Stages an upsert (replaces any entry with the same id at the next commit); the
+    /// entry must pass [`FaqEntry::validate`].
     pub fn stage(&self, entry: &FaqEntry) -> Result<()> {
         entry.validate().map_err(|source| ShardError::InvalidEntry { id: entry.id.clone(), source })?;
+        self.stage_doc(entry)
+    }
+
+    /// Stages an upsert replayed from a log of acknowledged writes: only
+    /// [`FaqEntry::validate_indexable`] is required, so replicas replaying entries logged
+    /// under older rules index the same thing as those that applied them then.
+    pub fn stage_logged(&self, entry: &FaqEntry) -> Result<()> {
+        entry.validate_indexable().map_err(|source| ShardError::InvalidEntry { id: entry.id.clone(), source })?;
+        self.stage_doc(entry)
+    }
+
+    fn stage_doc(&self, entry: &FaqEntry) -> Result<()> {
         let f = &self.fields;
         let mut doc = TantivyDocument::default();
         doc.add_text(f.id, &entry.id);

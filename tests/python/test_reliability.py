@@ -106,7 +106,7 @@ def stop(node):
 def strict(tmp_path):
     """A node with short connection timeouts."""
     n = start_node(tmp_path, "--header-read-timeout-secs", "2", "--keep-alive-timeout-secs", "3",
-                   "--body-read-timeout-secs", "2")
+                   "--body-read-timeout-secs", "2", "--send-timeout-secs", "2")
     yield n
     alive = n.alive()
     stop(n)
@@ -162,6 +162,34 @@ def test_silent_partial_and_slow_connections_are_closed_on_time(strict):
     assert healthz_ms(strict) < 100
 
 
+def metric_series(node, series):
+    """One series' value, e.g. 'name{phase="send"}' (0 when absent)."""
+    with urllib.request.urlopen(node.base + "/metrics") as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(series + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_client_that_stops_reading_is_cut(strict):
+    """Answers the client does not read (its socket full) are given up after the send
+    timeout, instead of holding the connection."""
+    host, port = hostport(strict)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect((host, port))
+    # 1,000 pipelined page loads: ~12 MB of answers, more than the socket buffers hold.
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 1000)
+    t = time.monotonic()
+    while metric_series(strict, 'ragnode:http_connections_timed_out_total{phase="send"}') < 1:
+        assert time.monotonic() - t < 20, "the stalled answers were never given up"
+        time.sleep(0.25)
+    assert time.monotonic() - t > 1.5, "cut before the 2 s send timeout"
+    assert closed_within(s, 5) is not None
+    s.close()
+    assert healthz_ms(strict) < 100
+
+
 def test_connection_caps_and_the_open_file_limit(tmp_path):
     """Under `ulimit -n 256` the node warns at start and its caps keep it serving."""
     def low_fd_limit():
@@ -204,6 +232,9 @@ def test_connection_caps_and_the_open_file_limit(tmp_path):
         for _ in range(5):
             refused = socket.create_connection((host, port))
             refused.settimeout(5)
+            # A client that sends its request at once still reads its answer (no reset).
+            refused.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + b"x" * 20000)
+            time.sleep(0.05)
             answer = refused.recv(4096)
             assert answer.startswith(b"HTTP/1.1 429 ") and b"too_many_connections" in answer, answer
             refused.close()

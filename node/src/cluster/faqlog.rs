@@ -227,8 +227,9 @@ impl FaqLog {
             match serde_json::from_slice::<FaqOp>(&msg.payload) {
                 Ok(FaqOp::Upsert { entries }) => {
                     for e in &entries {
-                        // Entries were validated before they were logged; a bad one is skipped, not fatal.
-                        if let Err(err) = shard.stage(e) {
+                        // Entries were validated before they were logged (under the rules of
+                        // their day: replayed as logged); an unindexable one is skipped, not fatal.
+                        if let Err(err) = shard.stage_logged(e) {
                             tracing::warn!(seq, shard = shard_no, id = %e.id, "FAQ log entry not indexed: {err}");
                         }
                     }

@@ -8,12 +8,10 @@
 //! so handlers never wait on the disk.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use axum::body::{Body, Bytes, HttpBody};
+use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::Next;
@@ -145,32 +143,6 @@ impl Drop for PendingAudit {
     }
 }
 
-/// The response body, carrying the guard.
-struct AuditedBody {
-    inner: Body,
-    _guard: AuditGuard,
-}
-
-impl HttpBody for AuditedBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 impl AuditCell {
     /// A separate audited request riding on `parent`'s connection (a WebSocket message):
     /// same caller and source, its own id (`PARENT/ID`) and timing. The line is written
@@ -263,7 +235,7 @@ pub async fn audit(State(state): State<SharedState>, mut req: Request, next: Nex
         }
     });
     match pending.guard.take() {
-        Some(guard) => resp.map(|inner| Body::new(AuditedBody { inner, _guard: guard })),
+        Some(guard) => resp.map(|inner| Body::new(super::extract::GuardedBody::new(inner, guard))),
         None => resp,
     }
 }

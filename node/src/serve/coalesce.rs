@@ -102,49 +102,41 @@ impl Follower {
 
 /// A request's part in a coalesced answer.
 pub enum Role {
-    /// Start the generation, then [`Coalescer::lead`] it.
-    Leader(Arc<SharedAnswer>),
+    /// Start the generation and hand it to [`Lead::run`] (or report [`Lead::fail`]).
+    Leader(Lead),
     /// Someone else is generating: follow.
     Follower(Follower),
 }
 
-/// An app's generations in flight, by key.
-#[derive(Default)]
-pub struct Coalescer {
-    inflight: Mutex<HashMap<String, Arc<SharedAnswer>>>,
+/// The duty to start a shared generation. Dropped without [`run`](Self::run) or
+/// [`fail`](Self::fail) — the task starting it panicked or was cancelled — it fails the
+/// generation, so no follower waits for a start that will not come and the key is freed.
+pub struct Lead {
+    coalescer: Arc<Coalescer>,
+    key: String,
+    shared: Arc<SharedAnswer>,
+    settled: bool,
 }
 
-impl Coalescer {
-    /// Joins the generation in flight for `key`, or becomes its leader.
-    pub fn join(&self, key: &str) -> Role {
-        let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(shared) = map.get(key) {
-            metrics::counter!("ragnode:answers_coalesced_total").increment(1);
-            // Subscribed under the lock: the driver cannot decide it has no followers
-            // between this lookup and the subscription.
-            return Role::Follower(shared.follow());
-        }
-        let shared = SharedAnswer::new();
-        map.insert(key.to_string(), shared.clone());
-        Role::Leader(shared)
-    }
-
-    fn forget(&self, key: &str, shared: &Arc<SharedAnswer>) {
-        forget_locked(&mut self.inflight.lock().unwrap_or_else(|e| e.into_inner()), key, shared);
+impl Lead {
+    /// A follower from the first event (the leader's own client follows too).
+    pub fn follow(&self) -> Follower {
+        self.shared.follow()
     }
 
     /// The leader could not start the generation: its followers get the same error.
-    pub fn fail(&self, key: &str, shared: &Arc<SharedAnswer>, e: ApiError) {
-        self.forget(key, shared);
-        shared.update(|r| r.started = Some(Err(e)));
+    pub fn fail(mut self, e: ApiError) {
+        self.settled = true;
+        self.coalescer.forget(&self.key, &self.shared);
+        self.shared.update(|r| r.started = Some(Err(e)));
     }
 
-    /// Runs `answer` for everyone following `shared` (the leader follows too: take a
-    /// follower before calling), until it ends or nobody follows any more (which cancels
-    /// it).
-    pub fn lead(self: &Arc<Self>, key: String, shared: Arc<SharedAnswer>, started: Started, mut answer: AnswerStream) {
+    /// Runs `answer` for everyone following, until it ends or nobody follows any more
+    /// (which cancels it).
+    pub fn run(mut self, started: Started, mut answer: AnswerStream) {
+        self.settled = true;
+        let (this, key, shared) = (self.coalescer.clone(), self.key.clone(), self.shared.clone());
         shared.update(|r| r.started = Some(Ok(started)));
-        let this = self.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -184,6 +176,47 @@ impl Coalescer {
     }
 }
 
+impl Drop for Lead {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.coalescer.forget(&self.key, &self.shared);
+            let e = ApiError::internal("the shared generation was abandoned before it started");
+            self.shared.update(|r| r.started = Some(Err(e)));
+        }
+    }
+}
+
+/// An app's generations in flight, by key.
+#[derive(Default)]
+pub struct Coalescer {
+    inflight: Mutex<HashMap<String, Arc<SharedAnswer>>>,
+}
+
+impl Coalescer {
+    /// Joins the generation in flight for `key`, or becomes its leader.
+    pub fn join(self: &Arc<Self>, key: &str) -> Role {
+        let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(shared) = map.get(key) {
+            metrics::counter!("ragnode:answers_coalesced_total").increment(1);
+            // Subscribed under the lock: the driver cannot decide it has no followers
+            // between this lookup and the subscription.
+            return Role::Follower(shared.follow());
+        }
+        let shared = SharedAnswer::new();
+        map.insert(key.to_string(), shared.clone());
+        Role::Leader(Lead { coalescer: self.clone(), key: key.to_string(), shared, settled: false })
+    }
+
+    fn forget(&self, key: &str, shared: &Arc<SharedAnswer>) {
+        forget_locked(&mut self.inflight.lock().unwrap_or_else(|e| e.into_inner()), key, shared);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.inflight.lock().unwrap().len()
+    }
+}
+
 fn forget_locked(map: &mut HashMap<String, Arc<SharedAnswer>>, key: &str, shared: &Arc<SharedAnswer>) {
     if map.get(key).is_some_and(|s| Arc::ptr_eq(s, shared)) {
         map.remove(key);
@@ -201,10 +234,10 @@ mod tests {
     #[tokio::test]
     async fn followers_replay_the_whole_answer_whenever_they_join() {
         let c = Arc::new(Coalescer::default());
-        let Role::Leader(shared) = c.join("q") else { panic!("first is the leader") };
-        let mut early = shared.follow();
+        let Role::Leader(lead) = c.join("q") else { panic!("first is the leader") };
+        let mut early = lead.follow();
         let Role::Follower(mut second) = c.join("q") else { panic!("second follows") };
-        c.lead("q".into(), shared.clone(), started(), AnswerStream::known_pieces(vec!["a".into(), "b".into()]));
+        lead.run(started(), AnswerStream::known_pieces(vec!["a".into(), "b".into()]));
         assert_eq!(early.started().await.unwrap().prompt_tokens, 3);
         let mut texts = Vec::new();
         while let Some(ev) = early.next().await {
@@ -220,16 +253,48 @@ mod tests {
         // A follower that joined before the end reads the same record.
         assert!(matches!(second.next().await, Some(SharedEvent::Delta(t)) if t == "a"));
         // Once done, the key is free: the next request leads a new generation.
+        assert_eq!(c.len(), 0);
         assert!(matches!(c.join("q"), Role::Leader(_)));
     }
 
     #[tokio::test]
-    async fn a_failed_start_reaches_every_follower() {
+    async fn a_failed_or_abandoned_start_reaches_every_follower() {
         let c = Arc::new(Coalescer::default());
-        let Role::Leader(shared) = c.join("q") else { panic!() };
+        let Role::Leader(lead) = c.join("q") else { panic!() };
         let Role::Follower(mut f) = c.join("q") else { panic!() };
-        c.fail("q", &shared, ApiError::overloaded("busy"));
+        lead.fail(ApiError::overloaded("busy"));
         assert_eq!(f.started().await.err().map(|e| e.code), Some("overloaded"));
+        assert_eq!(c.len(), 0);
+        // The task starting it went away (a panic, a cancel): followers learn at once.
+        let Role::Leader(lead) = c.join("q") else { panic!() };
+        let Role::Follower(mut f) = c.join("q") else { panic!() };
+        drop(lead);
+        assert_eq!(f.started().await.err().map(|e| e.code), Some("internal_error"));
         assert!(matches!(c.join("q"), Role::Leader(_)));
+    }
+
+    #[tokio::test]
+    async fn a_generation_nobody_follows_is_dropped() {
+        let c = Arc::new(Coalescer::default());
+        let Role::Leader(lead) = c.join("q") else { panic!() };
+        let f = lead.follow();
+        // A stream that never ends: only the followers leaving can stop it.
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let answer = AnswerStream::engine(
+            super::super::answer::TokenSource::Local(ragnode_inference::TokenStream::from_channel(1, rx)),
+            1,
+            tokio::time::Instant::now() + std::time::Duration::from_secs(60),
+        );
+        lead.run(started(), answer);
+        assert_eq!(c.len(), 1);
+        drop(f);
+        for _ in 0..100 {
+            if tx.is_closed() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(tx.is_closed(), "the engine stream was dropped (cancelling the request)");
+        assert_eq!(c.len(), 0);
     }
 }

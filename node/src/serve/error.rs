@@ -51,6 +51,16 @@ impl ApiError {
         Self { param: Some(param.into()), ..Self::bad_request("invalid_value", message) }
     }
 
+    /// 400 `context_length_exceeded`, naming the request field that is too long.
+    pub fn context_length(param: &'static str, message: impl Into<String>) -> Self {
+        Self { param: Some(param.into()), ..Self::bad_request("context_length_exceeded", message) }
+    }
+
+    /// 404 for a model id that is neither the served model nor `app:<name>`.
+    pub fn model_not_found(model: &str) -> Self {
+        Self::not_found("model_not_found", format!("The model `{model}` does not exist."))
+    }
+
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key", message)
     }
@@ -133,15 +143,12 @@ impl From<EngineError> for ApiError {
         match e {
             EngineError::Overloaded { .. } => Self::overloaded(e.to_string()),
             EngineError::InvalidRequest(m) => Self::bad_request("invalid_request", m),
-            EngineError::ContextLength { prompt, limit } => Self {
-                param: Some("messages".into()),
-                ..Self::bad_request(
-                    "context_length_exceeded",
-                    format!(
-                        "This model's maximum context length is {limit} tokens, but the prompt has {prompt} tokens. Shorten the messages."
-                    ),
-                )
-            },
+            EngineError::ContextLength { prompt, limit } => Self::context_length(
+                "messages",
+                format!(
+                    "This model's maximum context length is {limit} tokens, but the prompt has {prompt} tokens. Shorten the messages."
+                ),
+            ),
             EngineError::Stopped => Self::not_ready("the engine has stopped"),
             EngineError::Start(m) => Self::internal(m),
         }

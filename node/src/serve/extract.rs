@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{FromRequest, Request};
-use axum::http::{HeaderValue, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
@@ -46,9 +46,7 @@ impl<T: DeserializeOwned> FromRequest<SharedState> for ApiJson<T> {
                 });
             }
         }
-        let l = &state.cfg.limits;
-        let within = Duration::from_secs(l.body_read_timeout_secs.min(l.request_timeout_secs));
-        let bytes = read_limited(req.into_body(), l.max_body_bytes, within).await?;
+        let bytes = read_limited(req.into_body(), state.cfg.limits.max_body_bytes, body_timeout(state)).await?;
         serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| ApiError::from_json(&e))
     }
 }
@@ -62,27 +60,81 @@ pub async fn read_limited(body: Body, limit: usize, within: Duration) -> Result<
     })
 }
 
+/// How long a request body may take: the body-read timeout, within the request's.
+fn body_timeout(state: &SharedState) -> Duration {
+    let l = &state.cfg.limits;
+    Duration::from_secs(l.body_read_timeout_secs.min(l.request_timeout_secs))
+}
+
 async fn read_body(mut body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
     if body.size_hint().lower() as usize > DRAIN_CAP {
         return Err(ApiError::too_large(limit));
     }
-    let mut buf = Vec::new();
-    let mut seen = 0usize;
-    while let Some(frame) = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await {
-        let frame = frame.map_err(|e| ApiError::bad_request("invalid_request", format!("reading the body: {e}")))?;
-        if let Ok(data) = frame.into_data() {
-            seen += data.len();
-            if seen <= limit {
-                buf.extend_from_slice(&data);
-            } else if seen > DRAIN_CAP {
-                break;
+    let read = consume(&mut body, limit)
+        .await
+        .map_err(|e| ApiError::bad_request("invalid_request", format!("reading the body: {e}")))?;
+    if read.seen > limit {
+        return Err(ApiError::too_large(limit));
+    }
+    Ok(read.kept)
+}
+
+/// What reading a body gave: its first bytes, how many arrived, whether it ended.
+struct Consumed {
+    kept: Vec<u8>,
+    seen: usize,
+    complete: bool,
+}
+
+/// Reads `body` to its end, or until more than [`DRAIN_CAP`] bytes came, keeping the first
+/// `keep` bytes.
+async fn consume(body: &mut Body, keep: usize) -> Result<Consumed, axum::Error> {
+    let mut out = Consumed { kept: Vec::new(), seen: 0, complete: false };
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
+        if let Ok(data) = frame?.into_data() {
+            out.seen += data.len();
+            if out.seen <= keep {
+                out.kept.extend_from_slice(&data);
+            } else if out.seen > DRAIN_CAP {
+                return Ok(out);
             }
         }
     }
-    if seen > limit {
-        return Err(ApiError::too_large(limit));
+    out.complete = true;
+    Ok(out)
+}
+
+/// A body that carries `guard` along: it drops with the body, after its last byte went
+/// out or when the client went away (the audit line, a connection's request count).
+pub struct GuardedBody<G> {
+    inner: Body,
+    _guard: G,
+}
+
+impl<G> GuardedBody<G> {
+    pub fn new(inner: Body, guard: G) -> Self {
+        Self { inner, _guard: guard }
     }
-    Ok(buf)
+}
+
+impl<G: Unpin> HttpBody for GuardedBody<G> {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A request body that, when dropped unread (the request was answered without it: 401,
@@ -128,37 +180,34 @@ impl Drop for ReturnableBody {
 /// Middleware: reads and discards a request body its handler did not read, before the
 /// answer goes out. Otherwise the connection is closed under a client still sending, which
 /// then sees a broken pipe instead of its 401 / 404 / 405. Bounded like an over-limit body
-/// (a cap, the body-read timeout); past those the answer says `connection: close`.
+/// (a cap, the body-read timeout). Not drained — the answer says `connection: close`
+/// instead — when the body cannot end in time anyway (a 408), was already drained to the
+/// cap (a 413), announces more than the cap, or waits on `Expect: 100-continue` (reading
+/// it would invite the upload just to discard it).
 pub async fn drain_unread_body(
     axum::extract::State(state): axum::extract::State<SharedState>,
     req: Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    let expects_continue =
+        req.headers().get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let (parts, body) = req.into_parts();
     let slot = Arc::new(Mutex::new(None));
     let body = Body::new(ReturnableBody { inner: Some(body), slot: slot.clone() });
     let mut resp = next.run(Request::from_parts(parts, body)).await;
     let unread = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-    // An answer that closes the connection anyway (408: the body is not coming) needs none.
+    let Some(mut body) = unread else { return resp };
     let closing = resp.headers().get(header::CONNECTION).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-    if let Some(mut body) = unread.filter(|_| !closing) {
-        let within = Duration::from_secs(state.cfg.limits.body_read_timeout_secs);
-        let drained = tokio::time::timeout(within, async {
-            let mut seen = 0usize;
-            while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-                let Ok(frame) = frame else { return false };
-                seen += frame.data_ref().map_or(0, |d| d.len());
-                if seen > DRAIN_CAP {
-                    return false;
-                }
-            }
-            true
-        })
-        .await
-        .unwrap_or(false);
-        if !drained {
-            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
+    let hopeless = closing
+        || expects_continue
+        || matches!(resp.status(), StatusCode::REQUEST_TIMEOUT | StatusCode::PAYLOAD_TOO_LARGE)
+        || body.size_hint().lower() as usize > DRAIN_CAP;
+    let drained = !hopeless
+        && tokio::time::timeout(body_timeout(&state), consume(&mut body, 0))
+            .await
+            .is_ok_and(|r| r.is_ok_and(|c| c.complete));
+    if !drained {
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
 }

@@ -11,12 +11,17 @@
 //!   its first request within that time (a socket that sends nothing, or a partial
 //!   head, is closed).
 //! - **Keep-alive timeout**: a connection idle between requests (no byte of a next
-//!   request) is closed after `limits.keep_alive_timeout_secs`.
+//!   request, no byte of an answer still being written) is closed after
+//!   `limits.keep_alive_timeout_secs`.
+//! - **Send timeout**: a client that stops reading — its socket accepts no more of the
+//!   answer for `limits.send_timeout_secs` — is cut, also mid-stream (a stream nobody reads
+//!   would otherwise hold its connection and its engine slot: the request deadline only
+//!   fires when the next token can be written).
 //! - The body-read timeout is the handlers' (see `extract::read_limited`): only they know
 //!   whether they read a body.
 //!
-//! The timeouts only apply while no request is being served on the connection: a long
-//! streamed answer is bounded by the request deadline instead. WebSocket connections
+//! The header and keep-alive timeouts only apply while no request is being served on the
+//! connection: a long streamed answer is bounded by the request deadline instead. WebSocket connections
 //! leave this watch at the upgrade (they have their own pings) but keep their slot.
 //!
 //! Figures: `ragnode:http_connections` (open), `ragnode:http_connections_accepted_total`,
@@ -34,7 +39,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::{Body, Bytes, HttpBody};
+use axum::body::Body;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -43,6 +48,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tower::ServiceExt;
 
+use super::extract::GuardedBody;
 use crate::config::Limits;
 
 /// The connection-level limits, from [`Limits`].
@@ -53,6 +59,7 @@ pub struct ConnLimits {
     pub max_connections_per_ip: usize,
     pub header_read_timeout: Duration,
     pub keep_alive_timeout: Duration,
+    pub send_timeout: Duration,
 }
 
 impl ConnLimits {
@@ -62,6 +69,7 @@ impl ConnLimits {
             max_connections_per_ip: l.max_connections_per_ip,
             header_read_timeout: Duration::from_secs(l.header_read_timeout_secs),
             keep_alive_timeout: Duration::from_secs(l.keep_alive_timeout_secs),
+            send_timeout: Duration::from_secs(l.send_timeout_secs),
         }
     }
 }
@@ -164,6 +172,10 @@ struct Activity {
     idle_since_ms: AtomicU64,
     /// First byte read while idle (a next request's head is arriving).
     first_byte_ms: AtomicU64,
+    /// Last write that made progress.
+    last_write_ms: AtomicU64,
+    /// Since when the socket has refused more of the answer (`NONE`: it has not).
+    write_blocked_ms: AtomicU64,
 }
 
 /// Which timeout closed a connection.
@@ -171,6 +183,7 @@ struct Activity {
 enum Phase {
     Header,
     KeepAlive,
+    Send,
 }
 
 impl Phase {
@@ -178,6 +191,7 @@ impl Phase {
         match self {
             Self::Header => "header",
             Self::KeepAlive => "keep_alive",
+            Self::Send => "send",
         }
     }
 }
@@ -190,6 +204,21 @@ impl Activity {
             requests: AtomicU64::new(0),
             idle_since_ms: AtomicU64::new(0),
             first_byte_ms: AtomicU64::new(NONE),
+            last_write_ms: AtomicU64::new(0),
+            write_blocked_ms: AtomicU64::new(NONE),
+        }
+    }
+
+    fn on_write<T>(&self, r: &Poll<std::io::Result<T>>) {
+        match r {
+            Poll::Pending => {
+                let _ =
+                    self.write_blocked_ms.compare_exchange(NONE, self.now_ms(), Ordering::AcqRel, Ordering::Relaxed);
+            }
+            Poll::Ready(_) => {
+                self.last_write_ms.store(self.now_ms(), Ordering::Release);
+                self.write_blocked_ms.store(NONE, Ordering::Release);
+            }
         }
     }
 
@@ -215,9 +244,14 @@ impl Activity {
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// When an idle connection is to be closed, and under which timeout; `None` while a
-    /// request is served.
+    /// When the connection is to be closed, and under which timeout: a blocked write is
+    /// given `send_timeout`; otherwise `None` while a request is served, else the header
+    /// or keep-alive timeout.
     fn deadline(&self, limits: &ConnLimits) -> Option<(u64, Phase)> {
+        let blocked = self.write_blocked_ms.load(Ordering::Acquire);
+        if blocked != NONE {
+            return Some((blocked.saturating_add(limits.send_timeout.as_millis() as u64), Phase::Send));
+        }
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
@@ -226,7 +260,9 @@ impl Activity {
         if first_byte != NONE {
             return Some((first_byte.saturating_add(header), Phase::Header));
         }
-        let idle_since = self.idle_since_ms.load(Ordering::Acquire);
+        // Idle since the last request ended, or since the last of its answer was written
+        // (hyper may still be writing a large answer when it drops the body).
+        let idle_since = self.idle_since_ms.load(Ordering::Acquire).max(self.last_write_ms.load(Ordering::Acquire));
         if self.requests.load(Ordering::Relaxed) == 0 {
             // A new connection owes its first request within the header timeout.
             return Some((idle_since.saturating_add(header), Phase::Header));
@@ -236,7 +272,7 @@ impl Activity {
 
     /// Resolves when the connection has been idle past its deadline.
     async fn watchdog(&self, limits: &ConnLimits) -> Phase {
-        let recheck = limits.header_read_timeout.min(limits.keep_alive_timeout);
+        let recheck = limits.header_read_timeout.min(limits.keep_alive_timeout).min(limits.send_timeout);
         loop {
             match self.deadline(limits) {
                 Some((at, phase)) => {
@@ -275,7 +311,9 @@ impl AsyncRead for TrackedIo {
 
 impl AsyncWrite for TrackedIo {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.activity.on_write(&r);
+        r
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -291,7 +329,9 @@ impl AsyncWrite for TrackedIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.activity.on_write(&r);
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -306,31 +346,6 @@ struct RequestDone(Arc<Activity>);
 impl Drop for RequestDone {
     fn drop(&mut self) {
         self.0.request_finished();
-    }
-}
-
-struct TrackedBody {
-    inner: Body,
-    _done: RequestDone,
-}
-
-impl HttpBody for TrackedBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -398,11 +413,23 @@ fn is_per_connection_error(e: &std::io::Error) -> bool {
     matches!(e.kind(), ConnectionRefused | ConnectionAborted | ConnectionReset)
 }
 
-/// Answers a connection over a cap and closes it, without reading its request.
+/// Answers a connection over a cap and closes it. Its request is read (up to 64 KiB, for
+/// a second) and dropped after the answer: closing with unread data would send a reset
+/// that can reach the client before the answer does.
 async fn refuse(mut stream: TcpStream, why: Refused) {
+    use tokio::io::AsyncReadExt;
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = stream.write_all(&why.response()).await;
-        let _ = stream.shutdown().await;
+        stream.write_all(&why.response()).await?;
+        stream.shutdown().await?;
+        let mut buf = vec![0u8; 16 << 10];
+        let mut read = 0;
+        while read < 64 << 10 {
+            match stream.read(&mut buf).await? {
+                0 => break,
+                n => read += n,
+            }
+        }
+        std::io::Result::Ok(())
     })
     .await;
 }
@@ -426,7 +453,7 @@ impl Connection {
             async move {
                 req.extensions_mut().insert(ConnectInfo(remote));
                 let resp = app.oneshot(req).await.unwrap_or_else(|e: Infallible| match e {});
-                Ok::<_, Infallible>(resp.map(|inner| Body::new(TrackedBody { inner, _done: done })))
+                Ok::<_, Infallible>(resp.map(|inner| Body::new(GuardedBody::new(inner, done))))
             }
         });
         // No hyper timer: its header timeout also cuts keep-alive idling at the same
@@ -444,7 +471,8 @@ impl Connection {
                     return;
                 }
                 phase = activity.watchdog(&self.limits) => {
-                    // Nothing is being served: dropping the connection closes the socket.
+                    // Nothing is being served, or the client stopped reading: dropping the
+                    // connection closes the socket (and cancels what it was answering).
                     metrics::counter!("ragnode:http_connections_timed_out_total", "phase" => phase.as_str()).increment(1);
                     tracing::debug!(%remote, phase = phase.as_str(), "idle connection closed");
                     return;
@@ -468,15 +496,16 @@ pub fn ensure_fd_limit(needed: u64) -> Option<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return None;
     }
-    // rlim_t is u64 on Linux.
-    let (soft, hard) = (lim.rlim_cur, lim.rlim_max);
+    // rlim_t is u64 on 64-bit Linux, u32 on 32-bit.
+    #[allow(clippy::unnecessary_cast)]
+    let (soft, hard) = (lim.rlim_cur as u64, lim.rlim_max as u64);
     let mut now = soft;
     if soft < needed && hard > soft {
-        let raised = libc::rlimit { rlim_cur: needed.min(hard), rlim_max: lim.rlim_max };
+        let raised = libc::rlimit { rlim_cur: needed.min(hard) as libc::rlim_t, rlim_max: lim.rlim_max };
         // SAFETY: setrlimit reads one `rlimit` through a valid pointer; raising the soft
         // limit up to the hard one needs no privilege.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            now = raised.rlim_cur;
+            now = needed.min(hard);
             tracing::info!(from = soft, to = now, "raised the open-file limit");
         }
     }
@@ -506,6 +535,7 @@ mod tests {
             max_connections_per_ip: per_ip,
             header_read_timeout: Duration::from_secs(2),
             keep_alive_timeout: Duration::from_secs(5),
+            send_timeout: Duration::from_secs(7),
         }
     }
 
@@ -548,6 +578,13 @@ mod tests {
         a.on_read();
         let first = a.first_byte_ms.load(Ordering::Relaxed);
         assert_eq!(a.deadline(&l), Some((first + 2000, Phase::Header)), "a started head must finish in time");
+        // A client that stops reading is cut even mid-answer; writing again lifts it.
+        a.request_started();
+        a.on_write::<usize>(&Poll::Pending);
+        let blocked = a.write_blocked_ms.load(Ordering::Relaxed);
+        assert_eq!(a.deadline(&l), Some((blocked + 7000, Phase::Send)));
+        a.on_write(&Poll::Ready(Ok(10usize)));
+        assert_eq!(a.deadline(&l), None);
     }
 
     #[test]

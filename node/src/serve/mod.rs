@@ -70,7 +70,6 @@ const RESERVED_FDS: u64 = 512;
 
 /// Runs the server until Ctrl-C / SIGTERM.
 pub fn run(cfg: ServeConfig) -> Result<()> {
-    hand_back_large_buffers();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ragnode-http")
@@ -114,6 +113,7 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
         router: OnceLock::new(),
         faq_shards: OnceLock::new(),
         prompt_workers: Arc::new(tokio::sync::Semaphore::new(state::PROMPT_WORKERS)),
+        prompt_queue: Default::default(),
         max_prompt_bytes: OnceLock::new(),
         cfg,
     });
@@ -167,20 +167,6 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
         engine.shutdown();
     }
     Ok(())
-}
-
-/// Request bodies (up to `max_body_bytes`) and the tokenizer's working memory for long
-/// prompts are large, short-lived buffers. glibc serves them from its heap once its
-/// adaptive mmap threshold has risen past them, and a heap keeps what it freed: RSS
-/// ratchets up with every burst. A fixed 1 MiB threshold maps such buffers on their own,
-/// so freeing them gives the memory back.
-fn hand_back_large_buffers() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes the allocator's tuning; it is called before the
-    // runtime's threads start.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-    }
 }
 
 /// This node's status for the cluster. `recent` holds the generation-token count and
@@ -391,7 +377,9 @@ async fn open_faq(state: &SharedState, local: Option<Arc<FaqShard>>) -> Result<(
     Ok(())
 }
 
-/// A JSONL seed file as entries (cluster mode logs them), every row validated.
+/// A JSONL seed file as entries (cluster mode logs them). As when a single node ingests
+/// its seed, a row that is not a valid entry is reported (`FILE:LINE: rejected: reason`)
+/// and left out.
 fn read_seed(path: &Path) -> Result<Vec<ragnode_retrieval::FaqEntry>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
@@ -399,10 +387,13 @@ fn read_seed(path: &Path) -> Result<Vec<ragnode_retrieval::FaqEntry>> {
         if line.trim().is_empty() {
             continue;
         }
-        let e: ragnode_retrieval::FaqEntry = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: not a JSON FAQ entry (cluster seeds are JSONL)", path.display(), i + 1))?;
-        e.validate().with_context(|| format!("{}:{}", path.display(), i + 1))?;
-        out.push(e);
+        let entry = serde_json::from_str::<ragnode_retrieval::FaqEntry>(line)
+            .map_err(|e| format!("not a JSON FAQ entry (cluster seeds are JSONL): {e}"))
+            .and_then(|e| e.validate().map(|()| e).map_err(|err| err.to_string()));
+        match entry {
+            Ok(e) => out.push(e),
+            Err(reason) => tracing::warn!("{}:{}: rejected: {reason}", path.display(), i + 1),
+        }
     }
     Ok(out)
 }

@@ -195,6 +195,22 @@ impl SamplingFields {
     }
 }
 
+impl SamplingFields {
+    /// The fields a RAG app lets a request change, taken from `params` (their validated
+    /// form, [`to_params`](Self::to_params)) where they were given.
+    pub fn rag_overrides(&self, params: &mut GenParams) -> RagOverrides {
+        RagOverrides {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            max_tokens: params.max_tokens,
+            seed: params.sampling.seed,
+            stop: std::mem::take(&mut params.stop),
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+        }
+    }
+}
+
 /// The text of a message's content (text parts joined); other part types are refused.
 fn content_text(c: Option<&Content>) -> Result<String, ApiError> {
     match c {
@@ -253,7 +269,7 @@ fn target<'a>(state: &AppState, model: &'a str) -> Result<Target<'a>, ApiError> 
     if model == state.model_id {
         return Ok(Target::Model);
     }
-    Err(ApiError::not_found("model_not_found", format!("The model `{model}` does not exist.")))
+    Err(ApiError::model_not_found(model))
 }
 
 /// OpenAI's logprobs object for one choice.
@@ -319,16 +335,7 @@ pub async fn chat_completions(
             if top.is_some() {
                 return Err(ApiError::invalid_param("logprobs", "apps do not return logprobs"));
             }
-            let f = &req.sampling;
-            let overrides = RagOverrides {
-                temperature: f.temperature,
-                top_p: f.top_p,
-                max_tokens: params.max_tokens,
-                seed: params.sampling.seed,
-                stop: std::mem::take(&mut params.stop),
-                presence_penalty: f.presence_penalty,
-                frequency_penalty: f.frequency_penalty,
-            };
+            let overrides = req.sampling.rag_overrides(&mut params);
             // The app's own system prompt replaces a client's: history is user/assistant turns.
             let history: Vec<ChatMessage> = history.iter().filter(|m| m.role != "system").cloned().collect();
             state.start_rag(&app, &last.content, &history, overrides, audit, req.sampling.user.as_deref()).await?

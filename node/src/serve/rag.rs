@@ -139,7 +139,9 @@ impl RagApp {
         Self::check_question(question)?;
         // (The caller looks in the cache first: see `AppState::start_rag`.)
         let first_turn = history.is_empty();
-        let hits: Vec<&FaqHit> = hits.iter().filter(|h| h.confidence >= self.cfg.min_confidence).collect();
+        // An entry without an answer (indexed before answers were required) answers nothing.
+        let hits: Vec<&FaqHit> =
+            hits.iter().filter(|h| h.confidence >= self.cfg.min_confidence && !h.answer.trim().is_empty()).collect();
         let sources: Arc<Vec<Source>> = Arc::new(hits.iter().map(|h| Source::from(*h)).collect());
         let cache_key = (first_turn && self.cfg.cache && !partial).then(|| normalize_question(question));
 

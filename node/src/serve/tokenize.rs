@@ -35,11 +35,7 @@ pub struct DetokenizeRequest {
 }
 
 fn check_model(state: &SharedState, model: &str) -> Result<(), ApiError> {
-    if model == state.model_id {
-        Ok(())
-    } else {
-        Err(ApiError::not_found("model_not_found", format!("The model `{model}` does not exist.")))
-    }
+    if model == state.model_id { Ok(()) } else { Err(ApiError::model_not_found(model)) }
 }
 
 pub async fn tokenize(

@@ -34,7 +34,7 @@ use super::answer::AnswerEvent;
 use super::audit::AuditCell;
 use super::error::ApiError;
 use super::openai::{SamplingFields, WireMessage, chat_messages};
-use super::state::{RagOverrides, SharedState};
+use super::state::SharedState;
 
 #[derive(Deserialize, Debug)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -337,7 +337,7 @@ async fn start(
         && !model.starts_with("app:")
     {
         if model != &state.model_id {
-            return Err(ApiError::not_found("model_not_found", format!("The model `{model}` does not exist.")));
+            return Err(ApiError::model_not_found(model));
         }
         let Some(messages) = messages else {
             return Err(ApiError::invalid_param("messages", "messages must contain at least one message"));
@@ -359,16 +359,7 @@ async fn start(
         Some(c) => (c.to_string(), state.conversations.history(c, &app_name, None)?),
         None => (format!("ws-{:032x}", rand::random::<u128>()), Vec::new()),
     };
-    let f = &ask.sampling;
-    let overrides = RagOverrides {
-        temperature: f.temperature,
-        top_p: f.top_p,
-        max_tokens: params.max_tokens,
-        seed: params.sampling.seed,
-        stop: std::mem::take(&mut params.stop),
-        presence_penalty: f.presence_penalty,
-        frequency_penalty: f.frequency_penalty,
-    };
+    let overrides = ask.sampling.rag_overrides(&mut params);
     let answer = state.start_rag(&app, &query, &history, overrides, audit, Some(&conv_id)).await?;
     Ok((answer, Some((conv_id, app_name, query))))
 }
