@@ -6,6 +6,7 @@ an API key and an admin key, on a free loopback port. The binary is the one
 `$CARGO_TARGET_DIR`).
 """
 
+import http.client
 import json
 import os
 import pathlib
@@ -13,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -51,6 +53,36 @@ class Node:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+
+def raw(node, method, path, body=None, headers=None, key=API_KEY, timeout=120):
+    """One HTTP request to `node`; returns (status, headers lowercased, body bytes)."""
+    u = urllib.parse.urlsplit(node.base)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    h = {"Content-Type": "application/json"}
+    if key:
+        h["Authorization"] = f"Bearer {key}"
+    h.update(headers or {})
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+    conn.request(method, path, body=body, headers=h)
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    return r.status, dict((k.lower(), v) for k, v in r.getheaders()), data
+
+
+def metric(node, name):
+    """Sum of all series of a metric in /metrics (no key needed)."""
+    with urllib.request.urlopen(node.base + "/metrics") as r:
+        text = r.read().decode()
+    total, seen = 0.0, False
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+            seen = True
+    assert seen, f"{name} not in /metrics"
+    return total
 
 
 def start_node(workdir: pathlib.Path, *extra: str) -> Node:

@@ -13,7 +13,7 @@ import urllib.request
 import openai
 import pytest
 
-from conftest import ADMIN_KEY, API_KEY, start_node
+from conftest import ADMIN_KEY, API_KEY, metric, raw, start_node
 
 MODEL = "smollm2"
 RETURNS_Q = "退货政策是什么?"
@@ -22,23 +22,6 @@ RETURNS_Q = "退货政策是什么?"
 @pytest.fixture(scope="module")
 def client(node):
     return openai.OpenAI(base_url=node.base + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
-
-
-def raw(node, method, path, body=None, headers=None, key=API_KEY):
-    """One HTTP request; returns (status, headers, body bytes)."""
-    u = urllib.parse.urlsplit(node.base)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
-    h = {"Content-Type": "application/json"}
-    if key:
-        h["Authorization"] = f"Bearer {key}"
-    h.update(headers or {})
-    if isinstance(body, (dict, list)):
-        body = json.dumps(body).encode()
-    conn.request(method, path, body=body, headers=h)
-    r = conn.getresponse()
-    data = r.read()
-    conn.close()
-    return r.status, dict((k.lower(), v) for k, v in r.getheaders()), data
 
 
 def sse_events(node, path, body, key=API_KEY):
@@ -58,19 +41,6 @@ def sse_events(node, path, body, key=API_KEY):
             out.append(payload if payload == "[DONE]" else json.loads(payload))
     conn.close()
     return out
-
-
-def metric(node, name):
-    """Sum of all series of a metric in /metrics (no key needed)."""
-    with urllib.request.urlopen(node.base + "/metrics") as r:
-        text = r.read().decode()
-    total, seen = 0.0, False
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-            seen = True
-    assert seen, f"{name} not in /metrics"
-    return total
 
 
 def audit_lines(node):

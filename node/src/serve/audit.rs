@@ -115,6 +115,8 @@ struct AuditGuard {
     sink: AuditSink,
 }
 
+impl super::extract::BodyGuard for AuditGuard {}
+
 impl Drop for AuditGuard {
     fn drop(&mut self) {
         let latency = self.cell.started.elapsed().as_secs_f64() * 1e3;

@@ -104,20 +104,27 @@ async fn consume(body: &mut Body, keep: usize) -> Result<Consumed, axum::Error> 
     Ok(out)
 }
 
-/// A body that carries `guard` along: it drops with the body, after its last byte went
-/// out or when the client went away (the audit line, a connection's request count).
-pub struct GuardedBody<G> {
-    inner: Body,
-    _guard: G,
+/// What rides along with a body and is let go with it: after its last byte went out,
+/// or when the client went away (the audit line, a connection's request count, an unread
+/// request body handed back).
+pub trait BodyGuard: Unpin {
+    /// Called when the body drops, with what is left of it.
+    fn release(&mut self, _rest: &mut Body) {}
 }
 
-impl<G> GuardedBody<G> {
+/// A body carrying a [`BodyGuard`].
+pub struct GuardedBody<G: BodyGuard> {
+    inner: Body,
+    guard: G,
+}
+
+impl<G: BodyGuard> GuardedBody<G> {
     pub fn new(inner: Body, guard: G) -> Self {
-        Self { inner, _guard: guard }
+        Self { inner, guard }
     }
 }
 
-impl<G: Unpin> HttpBody for GuardedBody<G> {
+impl<G: BodyGuard> HttpBody for GuardedBody<G> {
     type Data = Bytes;
     type Error = axum::Error;
 
@@ -137,42 +144,20 @@ impl<G: Unpin> HttpBody for GuardedBody<G> {
     }
 }
 
-/// A request body that, when dropped unread (the request was answered without it: 401,
-/// 404, 405, 415...), hands itself back to [`drain_unread_body`].
-struct ReturnableBody {
-    inner: Option<Body>,
-    slot: Arc<Mutex<Option<Body>>>,
-}
-
-impl HttpBody for ReturnableBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        match self.inner.as_mut() {
-            Some(b) => Pin::new(b).poll_frame(cx),
-            None => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.as_ref().map(|b| b.size_hint()).unwrap_or_default()
-    }
-}
-
-impl Drop for ReturnableBody {
+impl<G: BodyGuard> Drop for GuardedBody<G> {
     fn drop(&mut self) {
-        if let Some(b) = self.inner.take()
-            && !b.is_end_stream()
-        {
-            *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(b);
+        self.guard.release(&mut self.inner);
+    }
+}
+
+/// Hands a request body dropped unread (the request was answered without it: 401, 404,
+/// 405, 415...) back to [`drain_unread_body`].
+struct ReturnUnread(Arc<Mutex<Option<Body>>>);
+
+impl BodyGuard for ReturnUnread {
+    fn release(&mut self, rest: &mut Body) {
+        if !rest.is_end_stream() {
+            *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::mem::replace(rest, Body::empty()));
         }
     }
 }
@@ -193,7 +178,7 @@ pub async fn drain_unread_body(
         req.headers().get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let (parts, body) = req.into_parts();
     let slot = Arc::new(Mutex::new(None));
-    let body = Body::new(ReturnableBody { inner: Some(body), slot: slot.clone() });
+    let body = Body::new(GuardedBody::new(body, ReturnUnread(slot.clone())));
     let mut resp = next.run(Request::from_parts(parts, body)).await;
     let unread = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
     let Some(mut body) = unread else { return resp };

@@ -48,7 +48,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tower::ServiceExt;
 
-use super::extract::GuardedBody;
+use super::extract::{BodyGuard, GuardedBody};
 use crate::config::Limits;
 
 /// The connection-level limits, from [`Limits`].
@@ -342,6 +342,8 @@ impl AsyncWrite for TrackedIo {
 /// Marks a request finished when dropped: with its response body (after the last byte
 /// of a stream), or with the handler's future if the connection went away first.
 struct RequestDone(Arc<Activity>);
+
+impl BodyGuard for RequestDone {}
 
 impl Drop for RequestDone {
     fn drop(&mut self) {

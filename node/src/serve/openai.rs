@@ -266,10 +266,7 @@ fn target<'a>(state: &AppState, model: &'a str) -> Result<Target<'a>, ApiError> 
         state.app(app)?;
         return Ok(Target::App(app));
     }
-    if model == state.model_id {
-        return Ok(Target::Model);
-    }
-    Err(ApiError::model_not_found(model))
+    state.served_model(model).map(|()| Target::Model)
 }
 
 /// OpenAI's logprobs object for one choice.

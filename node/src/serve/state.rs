@@ -109,6 +109,16 @@ pub enum PromptInput {
     Text(String),
 }
 
+impl PromptInput {
+    /// Bytes of text the request brought (all messages' contents, or the prompt).
+    fn text_bytes(&self) -> usize {
+        match self {
+            Self::Text(t) => t.len(),
+            Self::Chat { messages, .. } => messages.iter().map(|m| m.content.len()).sum(),
+        }
+    }
+}
+
 /// Refuses a prompt of `bytes` that cannot fit `limit` tokens whatever it says.
 fn check_prompt_bytes(
     bytes: usize,
@@ -186,6 +196,11 @@ impl AppState {
         self.faq.get().ok_or_else(|| ApiError::not_ready("the FAQ index is still opening; retry shortly"))
     }
 
+    /// Checks that `model` names the served model (404 `model_not_found` otherwise).
+    pub fn served_model(&self, model: &str) -> Result<(), ApiError> {
+        if model == self.model_id { Ok(()) } else { Err(ApiError::model_not_found(model)) }
+    }
+
     pub fn app(&self, name: &str) -> Result<&Arc<RagApp>, ApiError> {
         self.apps.get(name).ok_or_else(|| {
             ApiError::not_found("model_not_found", format!("The model `app:{name}` does not exist (no such app)."))
@@ -252,12 +267,9 @@ impl AppState {
                 .map_err(|_| ApiError::not_ready("the server is shutting down"))?
         };
         let tok = engine.tokenizer().clone();
+        let large = input.text_bytes() > LARGE_PROMPT_BYTES;
         let ids = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let large = match &input {
-                PromptInput::Text(t) => t.len(),
-                PromptInput::Chat { messages, .. } => messages.iter().map(|m| m.content.len()).sum(),
-            } > LARGE_PROMPT_BYTES;
             let ids = match input {
                 PromptInput::Text(text) => {
                     tok.encode(&text, true).map_err(|e| ApiError::internal(format!("tokenizing: {e}")))

@@ -34,15 +34,11 @@ pub struct DetokenizeRequest {
     pub tokens: Vec<u32>,
 }
 
-fn check_model(state: &SharedState, model: &str) -> Result<(), ApiError> {
-    if model == state.model_id { Ok(()) } else { Err(ApiError::model_not_found(model)) }
-}
-
 pub async fn tokenize(
     State(state): State<SharedState>,
     ApiJson(req): ApiJson<TokenizeRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    check_model(&state, &req.model)?;
+    state.served_model(&req.model)?;
     let input = match (req.messages, req.prompt) {
         (Some(m), None) => PromptInput::Chat {
             messages: chat_messages(&m)?,
@@ -60,7 +56,7 @@ pub async fn detokenize(
     State(state): State<SharedState>,
     ApiJson(req): ApiJson<DetokenizeRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    check_model(&state, &req.model)?;
+    state.served_model(&req.model)?;
     let engine = state.engine()?;
     if req.tokens.len() > engine.context_limit() {
         return Err(ApiError::invalid_param(

@@ -336,9 +336,7 @@ async fn start(
     if let Some(model) = &ask.model
         && !model.starts_with("app:")
     {
-        if model != &state.model_id {
-            return Err(ApiError::model_not_found(model));
-        }
+        state.served_model(model)?;
         let Some(messages) = messages else {
             return Err(ApiError::invalid_param("messages", "messages must contain at least one message"));
         };
